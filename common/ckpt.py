@@ -1,0 +1,91 @@
+"""Atomic checkpoints, resume, and the per-epoch metrics log (JSON lines)."""
+import json
+import math
+import os
+
+import torch
+
+from .models import ModelError, read_checkpoint
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, fsync, then rename: a kill never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(device):
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def prepare_out(out, resume, overwrite):
+    """Create the output folder; refuse to start over another run's checkpoint unless told to.
+
+    Returns the checkpoint to resume from (or None).
+    """
+    os.makedirs(out, exist_ok=True)
+    last = os.path.join(out, "last.pth")
+    if resume:
+        path = last if resume == "auto" else resume
+        if not os.path.isfile(path):
+            if resume == "auto":
+                return None
+            raise ModelError(f"--resume {path}: no such checkpoint; drop --resume to start fresh")
+        return path
+    if os.path.exists(last) and not overwrite:
+        raise ModelError(f"{out} already holds a run's checkpoint (last.pth); pass --resume auto "
+                         f"to continue it, --overwrite to start over, or another --out")
+    if overwrite:
+        for name in ("metrics.jsonl",):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    return None
+
+
+def load_resume(path):
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "epoch" not in checkpoint:
+        raise ModelError(f"{path} is not a training checkpoint of this project; "
+                         f"pass a last.pth written by the same script")
+    return checkpoint
+
+
+def check_finite(loss, epoch, out):
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss} in epoch {epoch}; the last good "
+                                 f"checkpoint is kept in {out}/last.pth; lower --lr or disable --amp")
+
+
+class MetricsLog:
+    """Append one JSON object per line to OUT/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, out, enabled=True):
+        self.path = os.path.join(out, "metrics.jsonl")
+        self.enabled = enabled
+
+    def append(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, epoch):
+        """On resume, drop records written after the checkpoint's epoch (a killed run's tail)."""
+        if not (self.enabled and os.path.exists(self.path)):
+            return
+        with open(self.path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
+        with open(self.path, "w") as f:
+            f.writelines(keep)

@@ -1,0 +1,159 @@
+"""ImageFolder loading with clear errors, eval transforms, sharded evaluation.
+
+--data DIR expects DIR/train/<class>/<image> and DIR/val/<class>/<image> (classes sorted, files
+sorted, as torchvision's ImageFolder). Images are handed around as uint8 CHW tensors and
+normalized on the training device.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from .models import normalize
+
+
+class DataError(ValueError):
+    """Input data that cannot be used: missing folders, empty classes, unreadable images."""
+
+
+def load_rgb(path):
+    """Any PIL-readable image (grayscale, CMYK, palette, alpha, 16-bit) as an RGB PIL image."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16/32-bit grayscale: scale to 8 bits instead of clipping at 255
+                array = np.asarray(img, dtype=np.float64)
+                peak = 65535.0 if img.mode.startswith("I;16") else max(array.max(), 1.0)
+                img = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8))
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, img)
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        raise DataError(f"cannot read image {path} ({error}); remove or replace the file") from None
+
+
+def to_uint8_tensor(img):
+    """PIL RGB -> uint8 CHW tensor."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def image_folder(root, split, transform=None, classes=None):
+    """torchvision ImageFolder of root/split with RGB loading and one-sentence errors.
+
+    `classes`: the training classes; the split must hold exactly these class folders.
+    """
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder} does not exist; --data must point to a folder holding "
+                        f"train/<class>/<image> and val/<class>/<image>")
+    found = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not found:
+        raise DataError(f"{folder} has no class folders; put each class's images in {folder}/<class>/")
+    if classes is not None and found != list(classes):
+        missing = sorted(set(classes) - set(found))
+        extra = sorted(set(found) - set(classes))
+        raise DataError(f"class folders of {folder} differ from train's (missing {missing[:5]}, "
+                        f"extra {extra[:5]}); both splits need the same class folders")
+    try:
+        return datasets.ImageFolder(folder, transform=transform, loader=load_rgb)
+    except FileNotFoundError as error:
+        raise DataError(f"{error}; every class folder of {folder} needs at least one image "
+                        f"(.jpg, .png, ...)") from None
+
+
+def eval_transform(size, crop_pct=0.875, interpolation="bilinear"):
+    """Resize the short side to size / crop_pct, center crop size x size, uint8 tensor."""
+    return transforms.Compose([
+        transforms.Resize(int(math.floor(size / crop_pct)), interpolation=InterpolationMode(interpolation)),
+        transforms.CenterCrop(size),
+        transforms.PILToTensor(),
+    ])
+
+
+class ShardSampler(Sampler):
+    """Contiguous, unpadded shard of range(n) for this rank: every sample is seen exactly once
+    across ranks (DistributedSampler pads and would count some images twice)."""
+
+    def __init__(self, n, rank=0, world=1):
+        self.start, self.stop = n * rank // world, n * (rank + 1) // world
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+class TaggedSampler(Sampler):
+    """Wrap a sampler so each index comes with a tag (e.g. the pass number) for the dataset.
+
+    The tag is read in the main process when the epoch starts, so it reaches persistent workers.
+    """
+
+    def __init__(self, sampler):
+        self.sampler, self.tag = sampler, 0
+
+    def set_epoch(self, epoch, tag):
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.tag = tag
+
+    def __iter__(self):
+        tag = self.tag
+        return ((index, tag) for index in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+def loader(dataset, batch_size, workers, sampler=None, device=None, drop_last=False, persistent=True):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=device is not None and device.type == "cuda", drop_last=drop_last,
+        persistent_workers=persistent and workers > 0)
+
+
+def eval_loader(dataset, batch_size, workers, ctx, persistent=True):
+    return loader(dataset, batch_size, workers, ShardSampler(len(dataset), ctx.rank, ctx.world), ctx.device,
+                  persistent=persistent)
+
+
+@torch.no_grad()
+def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval"):
+    """Top-1 / top-5 (%) over the whole split, each image counted once across ranks."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    for images, targets in ctx.bar(data_loader, desc=desc):
+        images = normalize(images.to(ctx.device, non_blocking=True), mean, std)
+        targets = targets.to(ctx.device, non_blocking=True)
+        with torch.autocast(ctx.device.type, enabled=amp and ctx.device.type == "cuda"):
+            logits = model(images)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == targets[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        total += len(targets)
+    correct1, correct5, total = ctx.all_reduce_sum([correct1, correct5, total])
+    return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1),
+            "count": int(total)}
+
+
+class UnlabeledImages(Dataset):
+    """Whole images as uint8 tensors with their index (label generation, visualisation)."""
+
+    def __init__(self, folder_dataset):
+        self.samples = folder_dataset.samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return to_uint8_tensor(load_rgb(self.samples[index][0])), index

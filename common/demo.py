@@ -1,0 +1,176 @@
+"""The embedded demo: a procedurally generated image-classification set and cached demo teachers.
+
+`--data demo` builds (once) 10 classes of shapes (disc, square, triangle, ...) of random color,
+size, rotation and position on cluttered, noisy backgrounds. Small objects and clutter mean a
+random-resized crop often misses the object: exactly where region-level soft labels from a
+teacher beat the image label. A demo teacher is trained once on it (plain cross-entropy on random
+crops) and cached, so every method runs end to end on a laptop CPU without downloads.
+"""
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from .crops import replay_crops, sample_crops
+from .ckpt import save_atomic
+from .data import image_folder, load_rgb, to_uint8_tensor
+from .models import create, data_config_of, normalize
+
+VERSION = 1
+CLASSES = ("disc", "square", "triangle", "plus", "ring", "star", "diamond", "crescent", "hexagon", "arrow")
+IMAGE_SIZE = 64
+TRAIN_PER_CLASS, VAL_PER_CLASS = 150, 50
+DATA_CONFIG = {"input_size": IMAGE_SIZE, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
+               "std": [0.229, 0.224, 0.225], "crop_pct": 1.0}
+
+
+def cache_dir():
+    return os.environ.get("KD_DEMO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kd_reference"))
+
+
+def _polygon(cx, cy, radius, angle, points):
+    return [(cx + r * math.cos(angle + a), cy + r * math.sin(angle + a)) for r, a in points]
+
+
+def _regular(n, radius, inner=None):
+    pts = []
+    for i in range(n * (2 if inner else 1)):
+        r = radius if (inner is None or i % 2 == 0) else inner
+        pts.append((r, 2 * math.pi * i / (n * (2 if inner else 1))))
+    return pts
+
+
+def draw_shape(draw, kind, cx, cy, radius, angle, color, background):
+    if kind == "disc":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=color)
+    elif kind == "ring":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=color)
+        r = radius * 0.55
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=background)
+    elif kind == "crescent":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=color)
+        ox, oy = cx + 0.45 * radius * math.cos(angle), cy + 0.45 * radius * math.sin(angle)
+        draw.ellipse([ox - radius * 0.85, oy - radius * 0.85, ox + radius * 0.85, oy + radius * 0.85], fill=background)
+    elif kind == "square":
+        draw.polygon(_polygon(cx, cy, radius, angle, _regular(4, radius)), fill=color)
+    elif kind == "diamond":
+        pts = [(radius, 0), (radius * 0.55, math.pi / 2), (radius, math.pi), (radius * 0.55, 3 * math.pi / 2)]
+        draw.polygon(_polygon(cx, cy, radius, angle, pts), fill=color)
+    elif kind == "triangle":
+        draw.polygon(_polygon(cx, cy, radius, angle, _regular(3, radius)), fill=color)
+    elif kind == "hexagon":
+        draw.polygon(_polygon(cx, cy, radius, angle, _regular(6, radius)), fill=color)
+    elif kind == "star":
+        draw.polygon(_polygon(cx, cy, radius, angle, _regular(5, radius, inner=radius * 0.42)), fill=color)
+    elif kind == "plus":
+        w = radius * 0.33
+        for a in (angle, angle + math.pi / 2):
+            pts = [(math.hypot(radius, w), math.atan2(w, radius)), (math.hypot(radius, w), math.atan2(-w, radius)),
+                   (math.hypot(radius, w), math.pi - math.atan2(-w, radius)), (math.hypot(radius, w), math.pi - math.atan2(w, radius))]
+            draw.polygon(_polygon(cx, cy, radius, a, pts), fill=color)
+    elif kind == "arrow":
+        pts = [(radius, 0), (radius * 0.6, 2.3), (radius * 0.35, 2.6), (radius * 0.9, 2.9),
+               (radius * 0.9, -2.9), (radius * 0.35, -2.6), (radius * 0.6, -2.3)]
+        draw.polygon(_polygon(cx, cy, radius, angle, pts), fill=color)
+
+
+def _class_color(class_index, rng):
+    """Each class has a preferred hue (neighbours overlap), so a crop showing only part of the
+    object, or clutter of that hue, is ambiguous: a teacher's soft label says so, the image label cannot."""
+    hue = (class_index / len(CLASSES) + rng.normal(0, 0.05)) % 1.0
+    rgb = Image.new("HSV", (1, 1), (int(hue * 255), int(rng.uniform(150, 255)), int(rng.uniform(150, 255))))
+    return tuple(rgb.convert("RGB").getpixel((0, 0)))
+
+
+def render(class_index, rng, size=IMAGE_SIZE):
+    """One demo image: a shape of class `class_index` on a cluttered background."""
+    base = rng.integers(40, 216, 3)
+    grad = np.linspace(-30, 30, size)[None, :, None] * rng.choice([-1, 1], 3)
+    image = np.clip(base + grad + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(image)
+    draw = ImageDraw.Draw(img)
+    background = tuple(int(v) for v in base)
+    for _ in range(rng.integers(6, 14)):  # clutter: strokes and small blobs, no class shapes
+        color = _class_color(rng.integers(len(CLASSES)), rng)
+        x, y = rng.uniform(0, size, 2)
+        if rng.random() < 0.6:
+            dx, dy = rng.normal(0, size / 5, 2)
+            draw.line([x, y, x + dx, y + dy], fill=color, width=int(rng.integers(1, 4)))
+        else:
+            r = rng.uniform(1.5, 4)
+            draw.rectangle([x - r, y - r * rng.uniform(0.3, 1.5), x + r, y + r], fill=color)
+    radius = rng.uniform(0.2, 0.36) * size
+    cx, cy = rng.uniform(radius, size - radius, 2)
+    color = _class_color(class_index, rng)
+    draw_shape(draw, CLASSES[class_index], cx, cy, radius, rng.uniform(0, 2 * math.pi), color, background)
+    return img
+
+
+def ensure_data(ctx=None):
+    """Build the demo ImageFolder once (atomically: a temp folder renamed at the end)."""
+    root = os.path.join(cache_dir(), f"demo-data-v{VERSION}")
+    if (ctx is None or ctx.main) and not os.path.isdir(root):
+        tmp = f"{root}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for split, per_class, seed in (("train", TRAIN_PER_CLASS, 0), ("val", VAL_PER_CLASS, 1)):
+            for c, name in enumerate(CLASSES):
+                folder = os.path.join(tmp, split, name)
+                os.makedirs(folder)
+                rng = np.random.default_rng([VERSION, seed, c])
+                for i in range(per_class):
+                    render(c, rng).save(os.path.join(folder, f"{name}_{i:04d}.jpg"), quality=92)
+        os.replace(tmp, root)
+    if ctx is not None:
+        ctx.barrier()
+    return root
+
+
+def train_teacher(arch, root, epochs, seed=0, batch_size=64, lr=0.1, log=print):
+    """Plain cross-entropy on random-resized crops of the demo train set (in memory, CPU)."""
+    train = image_folder(root, "train")
+    images = [to_uint8_tensor(load_rgb(p)) for p, _ in train.samples]
+    targets = torch.tensor(train.targets)
+    torch.manual_seed(seed)
+    model, _ = create(arch, len(train.classes), pretrained_head="none")
+    steps = epochs * (len(images) // batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.15)
+    step = 0
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(images)).tolist()
+        for b in range(len(images) // batch_size):
+            batch = order[b * batch_size:(b + 1) * batch_size]
+            crops = torch.cat([replay_crops(images[i], *sample_crops(seed, i, IMAGE_SIZE, IMAGE_SIZE, 1, (0.25, 1),
+                                                                   stream=1 + epoch), IMAGE_SIZE)
+                               for i in batch])
+            loss = F.cross_entropy(model(normalize(crops, DATA_CONFIG["mean"], DATA_CONFIG["std"])),
+                                   targets[batch], label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+        log(f"  demo teacher {arch}: epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
+    return model
+
+
+def ensure_teacher(arch, ctx=None, epochs=40, log=print):
+    """Path of a demo teacher checkpoint (`arch=PATH` spec), training it once if needed."""
+    root = ensure_data(ctx)
+    path = os.path.join(cache_dir(), f"demo-teacher-{arch}-v{VERSION}-e{epochs}.pth")
+    if (ctx is None or ctx.main) and not os.path.isfile(path):
+        start = time.time()
+        log(f"training the demo teacher {arch} once ({epochs} epochs on CPU; cached in {path})")
+        model = train_teacher(arch, root, epochs, log=log)
+        save_atomic({"model": model.state_dict(), "arch": arch, "num_classes": len(CLASSES),
+                     "data_config": DATA_CONFIG, "epoch": epochs}, path)
+        log(f"demo teacher {arch} trained in {time.time() - start:.0f}s")
+    if ctx is not None:
+        ctx.barrier()
+    return f"{arch}={path}"
