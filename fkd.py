@@ -209,6 +209,14 @@ def store_meta(args, train_set, teachers):
     }
 
 
+def complete_store(path):
+    """The store at `path` if it exists and every image is labeled, else None."""
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        return None
+    store = LabelStore.open(path)
+    return store if np.asarray(store.done).all() else None
+
+
 def generate_labels(args, ctx, train_set, teachers):
     """Label every image not marked done; under torchrun each rank takes a disjoint share."""
     meta = store_meta(args, train_set, teachers)
@@ -552,13 +560,18 @@ def run(args, ctx):
         raise SystemExit(f"error: --k {args.k} must be smaller than the {num_classes} classes; lower --k")
     if args.amp and ctx.device.type != "cuda":
         ctx.print("note: --amp applies to CUDA only; running in fp32 on CPU")
-    teachers = load_teachers(args.teacher, num_classes, ctx.device) if args.mode != "ce" else []
-
     store = None
-    if args.mode in ("fkd", "label"):
+    if args.mode in ("fkd", "label", "show"):
+        store = complete_store(args.labels)
+        if store is None and args.mode == "show":
+            raise StoreError(f"no complete label store at {args.labels}; generate it with --mode label")
+    # phase 2 needs no teacher once the store is complete (the demo still scores its teacher)
+    need_teachers = args.mode == "online" or (args.mode in ("fkd", "label") and store is None) or \
+        (args.data == "demo" and args.mode != "ce")
+    teachers = load_teachers(args.teacher, num_classes, ctx.device) if need_teachers else []
+    if store is None and args.mode in ("fkd", "label"):
         store = generate_labels(args, ctx, train_set, teachers)
-    elif args.mode == "show":
-        store = LabelStore.open(args.labels)
+    if args.mode == "show":
         if ctx.main:
             path = show_labels(store, train_set, os.path.join(args.out, "labels.png"), args.show_images)
             ctx.print(f"wrote {path}")
@@ -566,17 +579,15 @@ def run(args, ctx):
     if args.mode == "label":
         return
     if store is not None:  # training refuses a store built for other images, classes or codec
-        store.check_matches({"num_images": len(train_set), "image_list_sha256": store_meta(args, train_set, teachers)["image_list_sha256"],
-                             "num_classes": num_classes, "codec": args.codec, "temperature": args.temperature})
+        store.check_matches({"num_images": len(train_set), "num_classes": num_classes,
+                             "image_list_sha256": image_list_hash(train_set.samples, train_set.root),
+                             "codec": args.codec, "temperature": args.temperature, "stores": args.stores})
         if args.num_crops > store.meta["num_crops"]:
             raise StoreError(f"--num-crops {args.num_crops} exceeds the {store.meta['num_crops']} crops "
                              f"stored per image in {args.labels}; lower --num-crops")
-        if (np.asarray(store.done) == 0).any():
-            raise StoreError(f"label store {args.labels} is incomplete; run --mode label again to finish it")
-        teachers_for_training = []  # no teacher in phase 2: free its memory
-    else:
-        teachers_for_training = teachers
+    teachers_for_training = teachers if args.mode == "online" else []
 
+    torch.manual_seed(args.seed)  # the student's init depends on the seed alone
     student, extra = create(args.init or args.arch, num_classes,
                             pretrained_head="reset" if args.init else "none")
     student_cfg = dict(extra["data_config"], input_size=args.input_size)
