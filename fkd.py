@@ -60,10 +60,10 @@ PRESETS = {
     "imagenet": dict(arch="resnet50", teacher=["tf_efficientnet_l2.ns_jft_in1k_475"], epochs=300,
                      batch_size=1024, base_lr=0.1, wd=1e-4, opt="sgd", stored_crops=500, num_crops=4,
                      crop_scale=(0.08, 0.936), input_size=224, warmup_epochs=0, min_lr=0.0,
-                     label_batch=125, workers=8, out="runs/fkd"),
+                     label_batch=125, workers=8, crop_pct=0.875, out="runs/fkd"),
     "demo": dict(arch="test_efficientnet", teacher=None, epochs=16, batch_size=64, base_lr=0.8, wd=5e-4,
                  opt="sgd", stored_crops=16, num_crops=4, crop_scale=(0.08, 1.0), input_size=64,
-                 warmup_epochs=0, min_lr=0.0, label_batch=128, workers=2, out="runs/fkd_demo"),
+                 warmup_epochs=0, min_lr=0.0, label_batch=128, workers=2, crop_pct=1.0, out="runs/fkd_demo"),
 }
 DEMO_TEACHER = "test_resnet"
 
@@ -108,6 +108,7 @@ def parse_args(argv=None):
     p.add_argument("--min-lr", type=float)
     p.add_argument("--input-size", type=int, help="student training resolution")
     p.add_argument("--interpolation", default="bilinear", help="student crop resize (official bilinear)")
+    p.add_argument("--crop-pct", type=float, help="eval center-crop fraction (default 0.875: 256 -> 224)")
     p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha on soft labels (0 = off)")
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha on soft labels (0 = off)")
     # run
@@ -590,9 +591,9 @@ def run(args, ctx):
     torch.manual_seed(args.seed)  # the student's init depends on the seed alone
     student, extra = create(args.init or args.arch, num_classes,
                             pretrained_head="reset" if args.init else "none")
-    student_cfg = dict(extra["data_config"], input_size=args.input_size)
-    if args.data == "demo":
-        student_cfg = dict(demo.DATA_CONFIG)
+    # train crops and eval resize use the official protocol (bilinear, resize 256 / crop 224 at 224)
+    student_cfg = dict(extra["data_config"], input_size=args.input_size, crop_pct=args.crop_pct,
+                       interpolation=args.interpolation)
     val_transform = eval_transform(args.input_size, student_cfg["crop_pct"], student_cfg["interpolation"])
     val_sets = {"val": eval_loader(image_folder(root, "val", val_transform, train_set.classes),
                                    args.batch_size, args.workers, ctx)}
