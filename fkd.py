@@ -204,7 +204,7 @@ def store_meta(args, train_set, teachers):
         "num_crops": args.stored_crops, "num_classes": len(train_set.classes),
         "num_images": len(train_set), "image_list_sha256": image_list_hash(train_set.samples, train_set.root),
         "classes_sha256": image_list_hash([(c, i) for i, c in enumerate(train_set.classes)], ""),
-        "teachers": [{"spec": ex["source"], "sha256": ex["sha256"], **ex["data_config"]} for _, ex in teachers],
+        "teachers": [{"name": ex["name"], "sha256": ex["sha256"], **ex["data_config"]} for _, ex in teachers],
         "crop_scale": list(args.crop_scale), "crop_ratio": list(args.crop_ratio),
         "temperature": args.temperature, "stores": args.stores, "seed": args.seed,
     }
@@ -234,7 +234,7 @@ def generate_labels(args, ctx, train_set, teachers):
     ctx.barrier()
     store = LabelStore.open(args.labels, writable=True)
     todo = np.flatnonzero(np.asarray(store.done) == 0)
-    mine = todo[ctx.rank::ctx.world]
+    mine = np.array_split(todo, ctx.world)[ctx.rank]  # contiguous shares: ranks never share a row
     if len(todo) == 0:
         ctx.print(f"label store {args.labels} is complete ({store.meta['num_images']} images x "
                   f"{store.meta['num_crops']} crops)")
@@ -267,6 +267,7 @@ def generate_labels(args, ctx, train_set, teachers):
                     store.mark_done(pending)
                     pending = []
         store.mark_done(pending)
+    store.close()
     ctx.barrier()
     elapsed = time.time() - start
     ctx.print(f"labels done: {len(todo)} images in {elapsed:.0f}s "

@@ -186,8 +186,7 @@ class LabelStore:
             for name, (shape, dtype) in self.array_specs(self.meta).items():
                 file = os.path.join(self.path, f"{name}.npy")
                 try:
-                    array = np.load(file, mmap_mode="r+" if self.writable else "r",
-                                    allow_pickle=False)
+                    array = np.load(file, mmap_mode="r", allow_pickle=False)
                 except (OSError, ValueError) as error:
                     raise StoreError(f"label store array {file} is missing, truncated or not a "
                                      f"plain .npy array ({error}); generate the store again") from None
@@ -198,8 +197,8 @@ class LabelStore:
                 self._arrays[name] = array
         return self._arrays
 
-    def __getstate__(self):
-        return {"path": self.path, "meta": self.meta, "writable": self.writable, "_arrays": None}
+    def __getstate__(self):  # DataLoader workers re-open the maps themselves
+        return {"path": self.path, "meta": self.meta, "writable": False, "_arrays": None}
 
     # -- checks -----------------------------------------------------------------------------------
     def check_matches(self, expected):
@@ -215,22 +214,53 @@ class LabelStore:
     def done(self):
         return self.arrays["done"]
 
+    def _fd(self, name):
+        """Writers use pwrite at byte offsets instead of writable memory maps: two processes (or two
+        nodes on a shared filesystem) that write disjoint rows never overwrite each other's pages,
+        and an I/O error is an exception, not a SIGBUS."""
+        if not self.writable:
+            raise StoreError(f"label store {self.path} was opened read-only")
+        if not hasattr(self, "_fds"):
+            self._fds = {}
+        if name not in self._fds:
+            self._fds[name] = os.open(os.path.join(self.path, f"{name}.npy"), os.O_RDWR)
+        return self._fds[name]
+
+    def _pwrite(self, name, image_index, crop_slice, rows):
+        array = self.arrays[name]
+        row_bytes = array[0, 0].nbytes if array.ndim > 1 else array.itemsize
+        first = image_index * array.shape[1] + (crop_slice.start or 0)
+        data = np.ascontiguousarray(rows, dtype=array.dtype).tobytes()
+        os.pwrite(self._fd(name), data, array.offset + first * row_bytes)
+
     def write(self, image_index, crop_slice, boxes, flips, indices, values):
-        a = self.arrays
-        a["boxes"][image_index, crop_slice] = boxes
-        a["flips"][image_index, crop_slice] = flips
-        if "indices" in a:
-            a["indices"][image_index, crop_slice] = indices
-        if "values" in a:
-            a["values"][image_index, crop_slice] = values
+        """Rows of crops `crop_slice` of one image (visible to readers after mark_done)."""
+        if boxes.max(initial=0) > 65535:
+            raise StoreError(f"image {image_index} is larger than 65535 pixels on a side; "
+                             f"downscale it (crop boxes are stored as uint16)")
+        self._pwrite("boxes", image_index, crop_slice, boxes)
+        self._pwrite("flips", image_index, crop_slice, flips)
+        if "indices" in self.arrays:
+            self._pwrite("indices", image_index, crop_slice, indices)
+        if "values" in self.arrays:
+            self._pwrite("values", image_index, crop_slice, values)
 
     def mark_done(self, image_indices):
-        """Flush the rows of `image_indices` to disk, then set and flush their done flags."""
-        for name, array in self.arrays.items():
+        """fsync the rows of `image_indices`, then set and fsync their done flags."""
+        if len(image_indices) == 0:
+            return
+        for name in self.arrays:
             if name != "done":
-                array.flush()
-        self.done[np.asarray(image_indices, dtype=np.int64)] = 1
-        self.done.flush()
+                os.fsync(self._fd(name))
+        offset = self.done.offset
+        for n in image_indices:
+            os.pwrite(self._fd("done"), b"\x01", offset + int(n))
+        os.fsync(self._fd("done"))
+
+    def close(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+        self._fds = {}
 
     def read(self, image_index, crop_ids):
         """Rows of the given crops of one image: boxes int64 [m, 4], flips bool [m], indices, values."""

@@ -78,7 +78,7 @@ def create(spec, num_classes, pretrained_head="keep", cifar=False, **kwargs):
     name, path = parse_spec(spec)
     if name not in timm.list_models(pretrained=False) and not timm.is_model(name.split(".")[0]):
         raise ModelError(f"unknown timm model {name!r}; see timm.list_models()")
-    extra = {"source": path or name, "sha256": None, "data_config": None}
+    extra = {"name": name, "source": path or name, "sha256": None, "data_config": None}
     try:
         if pretrained_head == "none":
             model = timm.create_model(name, num_classes=num_classes, **kwargs)
