@@ -53,7 +53,7 @@ from common.data import (DataError, TaggedSampler, UnlabeledImages, eval_loader,
                          eval_transform, load_rgb, loader, to_uint8_tensor)
 from common.dist import seed_everything, setup, cleanup, unwrap
 from common.labels import CODECS, LabelStore, StoreError, decode, encode, image_list_hash
-from common.models import ModelError, create, load_teachers, normalize
+from common.models import ModelError, create, load_teachers, make_optimizer, normalize, param_groups
 
 # Paper recipe (ResNet-50, 80.1% top-1) for real data; a laptop-sized recipe for the demo.
 PRESETS = {
@@ -416,34 +416,15 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
         model = model.to(memory_format=torch.channels_last)
     if ctx.distributed:
         model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    decay, no_decay = [], []
-    for name, param in unwrap(model).named_parameters():
-        (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
-    if args.opt == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    optimizer = make_optimizer(args.opt, param_groups(unwrap(model), args.wd), args.lr, args.momentum)
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr,
                                   warmup_t=args.warmup_epochs, warmup_lr_init=args.lr * 0.01 if args.warmup_epochs else 0)
     scaler = torch.amp.GradScaler(enabled=args.amp and ctx.device.type == "cuda")
     mix_generator = torch.Generator().manual_seed(args.seed + ctx.rank)
-    log = ckpt.MetricsLog(args.out, ctx.main)
-
-    start_epoch, best = 0, 0.0
-    resume = ckpt.prepare_out(args.out, args.resume, args.overwrite) if ctx.main else None
-    resume = ctx.broadcast_object(resume)
-    if resume:
-        state = ckpt.load_resume(resume)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        mix_generator.set_state(state["mix_generator"])
-        ckpt.set_rng_state(state["rng"], ctx.device)
-        start_epoch, best = state["epoch"], state["best_top1"]
-        log.truncate_after(start_epoch)
-        ctx.print(f"resumed {resume} at epoch {start_epoch}")
+    checkpoint = ckpt.Checkpointer(args.out, ctx, args.resume, args.overwrite, model=unwrap(model),
+                                   optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                   mix_generator=mix_generator)
+    start_epoch, best = checkpoint.restore()
 
     views = [(ex["data_config"]["input_size"], ex["data_config"]["interpolation"]) for _, ex in teachers]
     data, sampler, loader_crops = None, None, None
@@ -489,18 +470,10 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
             metrics.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],
                             f"{name}_count": result["count"]})
         best = max(best, metrics["val_top1"])
-        log.append(metrics)
+        checkpoint.log.append(metrics)
         ctx.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-        if ctx.main:
-            state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "mix_generator": mix_generator.get_state(), "rng": ckpt.rng_state(ctx.device),
-                     "epoch": epoch + covered, "best_top1": best, "args": vars(args),
-                     "arch": args.arch, "num_classes": num_classes, "data_config": student_cfg}
-            ckpt.save_atomic(state, os.path.join(args.out, "last.pth"))
-            if metrics["val_top1"] >= best:
-                ckpt.save_atomic({k: state[k] for k in ("model", "arch", "num_classes", "data_config", "epoch")},
-                                 os.path.join(args.out, "best.pth"))
+        checkpoint.save(epoch + covered, metrics["val_top1"], best, args, arch=args.arch,
+                        num_classes=num_classes, data_config=student_cfg)
         ctx.barrier()
         if args.stop_epoch is not None and epoch + covered >= args.stop_epoch:
             ctx.print(f"stopping after epoch {epoch + covered} (--stop-epoch); continue with --resume auto")

@@ -89,3 +89,45 @@ class MetricsLog:
             keep = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
         with open(self.path, "w") as f:
             f.writelines(keep)
+
+
+class Checkpointer:
+    """Saves and restores everything a resumed run needs.
+
+    `objects` maps names to things with state_dict()/load_state_dict() (model, optimizers,
+    schedulers, GradScaler) or torch.Generator (get_state/set_state). OUT/last.pth holds all of it
+    plus RNG state, epoch and best metric; OUT/best.pth holds the model alone (+ its data config),
+    loadable as `ARCH=OUT/best.pth` by any script here.
+    """
+
+    def __init__(self, out, ctx, resume=None, overwrite=False, **objects):
+        self.out, self.ctx, self.objects = out, ctx, objects
+        path = prepare_out(out, resume, overwrite) if ctx.main else None
+        self.resume_path = ctx.broadcast_object(path)
+        self.log = MetricsLog(out, ctx.main)
+
+    def restore(self):
+        """Load the resume checkpoint if any; returns (start_epoch, best_top1)."""
+        if not self.resume_path:
+            return 0, 0.0
+        state = load_resume(self.resume_path)
+        for name, obj in self.objects.items():
+            if isinstance(obj, torch.Generator):
+                obj.set_state(state[name])
+            else:
+                obj.load_state_dict(state[name])
+        set_rng_state(state["rng"], self.ctx.device)
+        self.log.truncate_after(state["epoch"])
+        self.ctx.print(f"resumed {self.resume_path} at epoch {state['epoch']}")
+        return state["epoch"], state["best_top1"]
+
+    def save(self, epoch, top1, best, args, **meta):
+        """Write last.pth (and best.pth when top1 reaches best) on rank 0, atomically."""
+        if not self.ctx.main:
+            return
+        state = {name: (obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict())
+                 for name, obj in self.objects.items()}
+        state.update(rng=rng_state(self.ctx.device), epoch=epoch, best_top1=best, args=vars(args), **meta)
+        save_atomic(state, os.path.join(self.out, "last.pth"))
+        if top1 >= best:
+            save_atomic({"model": state["model"], "epoch": epoch, **meta}, os.path.join(self.out, "best.pth"))

@@ -148,3 +148,35 @@ def normalize(images, mean, std):
     std = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
     out = (images.float() - mean) / std
     return out.contiguous(memory_format=torch.channels_last) if images.is_cuda else out
+
+
+def param_groups(model, weight_decay):
+    """No weight decay on biases and normalization parameters (1-d tensors)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(name, groups, lr, momentum=0.9, nesterov=False):
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; choose sgd or adamw")
+
+
+class FeaturesAndLogits(nn.Module):
+    """Wrap a timm classifier so one forward returns (pooled penultimate features, logits).
+
+    A module (not a helper function) so DistributedDataParallel sees the whole forward.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return pooled, self.model.get_classifier()(pooled)
