@@ -157,3 +157,12 @@ class UnlabeledImages(Dataset):
 
     def __getitem__(self, index):
         return to_uint8_tensor(load_rgb(self.samples[index][0])), index
+
+
+def train_transform(size, scale=(0.08, 1.0), interpolation="bilinear"):
+    """RandomResizedCrop + horizontal flip, uint8 tensor (normalized later on the device)."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode(interpolation)),
+        transforms.RandomHorizontalFlip(),
+        transforms.PILToTensor(),
+    ])
