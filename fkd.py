@@ -44,13 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
-from timm.data.mixup import cutmix_bbox_and_lam
 from timm.scheduler import CosineLRScheduler
 
 from common import ckpt, demo
 from common.crops import replay_crops, sample_crops
-from common.data import (DataError, TaggedSampler, UnlabeledImages, eval_loader, evaluate, image_folder,
-                         eval_transform, load_rgb, loader, to_uint8_tensor)
+from common.data import (DataError, TaggedSampler, eval_loader, evaluate, image_folder, eval_transform,
+                         load_rgb, loader, mix_batch, to_uint8_tensor)
 from common.dist import seed_everything, setup, cleanup, unwrap
 from common.labels import CODECS, LabelStore, StoreError, decode, encode, image_list_hash
 from common.models import ModelError, create, load_teachers, make_optimizer, normalize, param_groups
@@ -343,22 +342,6 @@ def soft_cross_entropy(logits, targets, temperature=1.0):
     return -(targets * F.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean()
 
 
-def mix_soft_labels(images, targets, mixup_alpha, cutmix_alpha, generator):
-    """Mixup or cutmix (chosen 50/50 when both are on) on inputs and soft labels with the same
-    lambda; cutmix's lambda is corrected to the pasted area (timm's box helper)."""
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(1, generator=generator).item() < 0.5)
-    alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 1.0
-    perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
-    if use_cutmix:
-        (y0, y1, x0, x1), lam = cutmix_bbox_and_lam(images.shape, lam, correct_lam=True)
-        images = images.clone()
-        images[:, :, y0:y1, x0:x1] = images[perm][:, :, y0:y1, x0:x1]
-    else:
-        images = lam * images + (1 - lam) * images[perm]
-    return images, lam * targets + (1 - lam) * targets[perm]
-
-
 def pass_plan(epochs, m):
     """[(first epoch, crops per image, epochs covered)] of the official loop (Sec. 3.3).
 
@@ -448,7 +431,7 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
             crops, targets, labels = targets_for_batch(args, batch, store, teachers, num_classes, ctx.device)
             images = normalize(crops, student_cfg["mean"], student_cfg["std"])
             if args.mixup > 0 or args.cutmix > 0:
-                images, targets = mix_soft_labels(images, targets, args.mixup, args.cutmix, mix_generator)
+                images, targets = mix_batch(images, targets, args.mixup, args.cutmix, mix_generator)
             with torch.autocast(ctx.device.type, enabled=args.amp and ctx.device.type == "cuda"):
                 logits = model(images)
             loss = soft_cross_entropy(logits.float(), targets, args.temperature)

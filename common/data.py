@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
+from timm.data.mixup import cutmix_bbox_and_lam
 
 from .models import normalize
 
@@ -146,19 +147,6 @@ def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval"):
             "count": int(total)}
 
 
-class UnlabeledImages(Dataset):
-    """Whole images as uint8 tensors with their index (label generation, visualisation)."""
-
-    def __init__(self, folder_dataset):
-        self.samples = folder_dataset.samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        return to_uint8_tensor(load_rgb(self.samples[index][0])), index
-
-
 def train_transform(size, scale=(0.08, 1.0), interpolation="bilinear"):
     """RandomResizedCrop + horizontal flip, uint8 tensor (normalized later on the device)."""
     return transforms.Compose([
@@ -166,3 +154,19 @@ def train_transform(size, scale=(0.08, 1.0), interpolation="bilinear"):
         transforms.RandomHorizontalFlip(),
         transforms.PILToTensor(),
     ])
+
+
+def mix_batch(images, targets, mixup_alpha, cutmix_alpha, generator):
+    """Mixup or cutmix (chosen 50/50 when both are on) on inputs and soft labels with the same
+    lambda; cutmix's lambda is corrected to the pasted area (timm's box helper)."""
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(1, generator=generator).item() < 0.5)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 1.0
+    perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    if use_cutmix:
+        (y0, y1, x0, x1), lam = cutmix_bbox_and_lam(images.shape, lam, correct_lam=True)
+        images = images.clone()
+        images[:, :, y0:y1, x0:x1] = images[perm][:, :, y0:y1, x0:x1]
+    else:
+        images = lam * images + (1 - lam) * images[perm]
+    return images, lam * targets + (1 - lam) * targets[perm]

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import fkd
+from common.data import mix_batch
 
 
 def test_crop_schedule_is_non_overlapping_until_all_used():
@@ -68,10 +69,10 @@ def test_mix_soft_labels_mixes_inputs_and_labels_with_same_lambda():
     g = torch.Generator().manual_seed(0)
     x = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)])
     y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    mx, my = fkd.mix_soft_labels(x, y, mixup_alpha=1.0, cutmix_alpha=0.0, generator=g)
+    mx, my = mix_batch(x, y, mixup_alpha=1.0, cutmix_alpha=0.0, generator=g)
     # mixup: every pixel of sample i equals the label mass of class 1
     torch.testing.assert_close(mx[:, 0, 0, 0], my[:, 1])
     torch.testing.assert_close(my.sum(1), torch.ones(2))
-    cx, cy = fkd.mix_soft_labels(x, y, mixup_alpha=0.0, cutmix_alpha=1.0, generator=g)
+    cx, cy = mix_batch(x, y, mixup_alpha=0.0, cutmix_alpha=1.0, generator=g)
     # cutmix: the label mass of class 1 equals the area fraction of ones (area-corrected lambda)
     torch.testing.assert_close(cx.mean(dim=(1, 2, 3)), cy[:, 1])
