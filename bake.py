@@ -221,7 +221,7 @@ def train(args, ctx, root, train_set, val_sets, cfg, out):
                                    ctx.rank, ctx.world, args.seed)
     data = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
                                        pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0)
-    metrics, run_start, step_time = {}, time.time(), []
+    metrics, run_start = {}, time.time()
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         scheduler.step(epoch)

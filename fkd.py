@@ -18,10 +18,10 @@ Modes:
   show    PNG grid of stored crops with their top-K labels (the paper's Fig. 2 idea)
 
 Equation map:
-  Sec. 3.1  P_i = T(R_i), ensemble = mean of softmax      -> teacher_logits(), ensemble_probs()
+  Sec. 3.1  P_i = T(R_i), ensemble = mean of softmax      -> common/models.py teacher_logits(), ensemble_probs()
   Sec. 3.1  L = -sum_i P_i log S(R_i)                     -> soft_cross_entropy()
   Eq. 3-7   hard / smooth / marginal smoothing / re-norm  -> common/labels.py encode(), decode()
-  Sec. 3.3  m crops of one image per batch, serrated lr   -> StoredCrops, pass_plan()
+  Sec. 3.3  m crops of one image per batch, serrated lr   -> common/labels.py StoredCrops, crop_schedule(); pass_plan()
   Sec. 3.4  SSL variant: `--stores logits --codec full`, temperature applied at training time
 
 Commands:
@@ -48,11 +48,12 @@ from timm.scheduler import CosineLRScheduler
 
 from common import ckpt, demo
 from common.crops import replay_crops, sample_crops
-from common.data import (DataError, TaggedSampler, eval_loader, evaluate, image_folder, eval_transform,
-                         load_rgb, loader, mix_batch, to_uint8_tensor)
+from common.data import (DataError, FreshCrops, TaggedSampler, eval_loader, evaluate, image_folder,
+                         eval_transform, load_rgb, loader, mix_batch, to_uint8_tensor)
 from common.dist import seed_everything, setup, cleanup, unwrap
-from common.labels import CODECS, LabelStore, StoreError, decode, encode, image_list_hash
-from common.models import ModelError, create, load_teachers, make_optimizer, normalize, param_groups
+from common.labels import CODECS, LabelStore, StoreError, StoredCrops, decode, encode, image_list_hash
+from common.models import (ModelError, create, ensemble_probs, load_teachers, make_optimizer, normalize,
+                           param_groups, teacher_logits)
 
 # Paper recipe (ResNet-50, 80.1% top-1) for real data; a laptop-sized recipe for the demo.
 PRESETS = {
@@ -179,23 +180,6 @@ class CropsForTeachers(Dataset):
         return n, j, torch.from_numpy(boxes[part]), torch.from_numpy(flips[part]), views
 
 
-@torch.no_grad()
-def teacher_logits(teachers, views_per_teacher, amp=False):
-    """Each teacher's logits on the same crops; views_per_teacher[t] holds the crops resized for
-    teacher t (uint8 NCHW on the device), normalized here with teacher t's mean and std."""
-    outputs = []
-    for (teacher, extra), images in zip(teachers, views_per_teacher):
-        cfg = extra["data_config"]
-        with torch.autocast(images.device.type, enabled=amp and images.is_cuda):
-            outputs.append(teacher(normalize(images, cfg["mean"], cfg["std"])).float())
-    return outputs
-
-
-def ensemble_probs(logits_per_teacher, temperature=1.0):
-    """P_i = T(R_i) (Sec. 3.1); several teachers: the exact mean of their softmax on the same crop."""
-    return torch.stack([F.softmax(z / temperature, dim=1) for z in logits_per_teacher]).mean(dim=0)
-
-
 def store_meta(args, train_set, teachers):
     """Everything that determines the store's bytes; a resumed generation must match all of it."""
     return {
@@ -278,64 +262,6 @@ def generate_labels(args, ctx, train_set, teachers):
 # ----------------------------------------------------------------------------------------------
 # Phase 2: training on stored crops (Sec. 3.1 "Training Phase", Sec. 3.3)
 # ----------------------------------------------------------------------------------------------
-def crop_schedule(seed, image_index, stored, start, count):
-    """Which stored crops an image uses at stream positions start .. start+count-1.
-
-    A per-image permutation of the M stored crops, consumed `count` at a time: no crop repeats
-    until all M were used (the paper's "shuffling and non-overlapping sampling"; the official code
-    drew at random each pass). After M positions a fresh permutation starts.
-    """
-    positions = np.arange(start, start + count)
-    cycles = positions // stored
-    out = np.empty(count, dtype=np.int64)
-    for cycle in np.unique(cycles):
-        perm = np.random.default_rng([seed, image_index, 1, int(cycle)]).permutation(stored)
-        where = cycles == cycle
-        out[where] = perm[positions[where] % stored]
-    return out
-
-
-class StoredCrops(Dataset):
-    """Item (image n, stream position) -> m stored crops replayed at the student's size + label rows."""
-
-    def __init__(self, samples, store, m, size, interpolation, seed):
-        self.samples, self.store, self.m, self.size, self.interp, self.seed = samples, store, m, size, interpolation, seed
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, item):
-        n, start = item
-        crop_ids = crop_schedule(self.seed, n, self.store.meta["num_crops"], start, self.m)
-        boxes, flips, indices, values = self.store.read(n, crop_ids)
-        image = to_uint8_tensor(load_rgb(self.samples[n][0]))
-        crops = replay_crops(image, boxes, flips, self.size, self.interp)  # exact replay of the crop
-        empty = torch.zeros(0)
-        return (crops, torch.from_numpy(indices) if indices is not None else empty,
-                torch.from_numpy(values) if values is not None else empty, self.samples[n][1])
-
-
-class FreshCrops(Dataset):
-    """Item (image n, epoch) -> m new random crops at the student's size (and at each teacher's
-    size for online KD). Baselines: the same pipeline without stored labels."""
-
-    def __init__(self, samples, m, size, interpolation, views, scale, ratio, seed):
-        self.samples, self.m, self.size, self.interp = samples, m, size, interpolation
-        self.views, self.scale, self.ratio, self.seed = views, scale, ratio, seed
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, item):
-        n, epoch = item
-        image = to_uint8_tensor(load_rgb(self.samples[n][0]))
-        boxes, flips = sample_crops(self.seed, n, image.shape[2], image.shape[1], self.m,
-                                    self.scale, self.ratio, stream=1 + epoch)
-        crops = replay_crops(image, boxes, flips, self.size, self.interp)
-        views = [replay_crops(image, boxes, flips, s, i) for s, i in self.views]
-        return crops, views, self.samples[n][1]
-
-
 def soft_cross_entropy(logits, targets, temperature=1.0):
     """L = -sum_c P_c log S_c, batch mean (Sec. 3.1). As the official code: T divides the student
     logits only, no T^2 factor."""

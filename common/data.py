@@ -15,6 +15,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 from timm.data.mixup import cutmix_bbox_and_lam
 
+from .crops import replay_crops, sample_crops
 from .models import normalize
 
 
@@ -170,3 +171,24 @@ def mix_batch(images, targets, mixup_alpha, cutmix_alpha, generator):
     else:
         images = lam * images + (1 - lam) * images[perm]
     return images, lam * targets + (1 - lam) * targets[perm]
+
+
+class FreshCrops(Dataset):
+    """Item (image n, epoch) -> m new random crops at the student's size (and at each teacher's
+    size for online KD). Baselines: the same pipeline without stored labels."""
+
+    def __init__(self, samples, m, size, interpolation, views, scale, ratio, seed):
+        self.samples, self.m, self.size, self.interp = samples, m, size, interpolation
+        self.views, self.scale, self.ratio, self.seed = views, scale, ratio, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        n, epoch = item
+        image = to_uint8_tensor(load_rgb(self.samples[n][0]))
+        boxes, flips = sample_crops(self.seed, n, image.shape[2], image.shape[1], self.m,
+                                    self.scale, self.ratio, stream=1 + epoch)
+        crops = replay_crops(image, boxes, flips, self.size, self.interp)
+        views = [replay_crops(image, boxes, flips, s, i) for s, i in self.views]
+        return crops, views, self.samples[n][1]

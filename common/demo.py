@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from .crops import replay_crops, sample_crops
 from .ckpt import save_atomic
 from .data import image_folder, load_rgb, to_uint8_tensor
-from .models import create, data_config_of, normalize
+from .models import create, normalize
 
 VERSION = 1
 CLASSES = ("disc", "square", "triangle", "plus", "ring", "star", "diamond", "crescent", "hexagon", "arrow")

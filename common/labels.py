@@ -22,6 +22,10 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .crops import replay_crops
+from .data import load_rgb, to_uint8_tensor
 
 CODECS = ("full", "hard", "smooth", "ms", "mr")
 FORMAT_VERSION = 1
@@ -269,3 +273,41 @@ class LabelStore:
         values = np.array(a["values"][image_index, crop_ids]) if "values" in a else None
         return (a["boxes"][image_index, crop_ids].astype(np.int64),
                 a["flips"][image_index, crop_ids].astype(bool), indices, values)
+
+
+# Reading a store for training (FKD phase 2, Fast MEAL V2)
+def crop_schedule(seed, image_index, stored, start, count):
+    """Which stored crops an image uses at stream positions start .. start+count-1.
+
+    A per-image permutation of the M stored crops, consumed `count` at a time: no crop repeats
+    until all M were used (the paper's "shuffling and non-overlapping sampling"; the official code
+    drew at random each pass). After M positions a fresh permutation starts.
+    """
+    positions = np.arange(start, start + count)
+    cycles = positions // stored
+    out = np.empty(count, dtype=np.int64)
+    for cycle in np.unique(cycles):
+        perm = np.random.default_rng([seed, image_index, 1, int(cycle)]).permutation(stored)
+        where = cycles == cycle
+        out[where] = perm[positions[where] % stored]
+    return out
+
+
+class StoredCrops(Dataset):
+    """Item (image n, stream position) -> m stored crops replayed at the student's size + label rows."""
+
+    def __init__(self, samples, store, m, size, interpolation, seed):
+        self.samples, self.store, self.m, self.size, self.interp, self.seed = samples, store, m, size, interpolation, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        n, start = item
+        crop_ids = crop_schedule(self.seed, n, self.store.meta["num_crops"], start, self.m)
+        boxes, flips, indices, values = self.store.read(n, crop_ids)
+        image = to_uint8_tensor(load_rgb(self.samples[n][0]))
+        crops = replay_crops(image, boxes, flips, self.size, self.interp)  # exact replay of the crop
+        empty = torch.zeros(0)
+        return (crops, torch.from_numpy(indices) if indices is not None else empty,
+                torch.from_numpy(values) if values is not None else empty, self.samples[n][1])

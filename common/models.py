@@ -11,6 +11,7 @@ import pickle
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from timm.models import clean_state_dict
 from torch import nn
@@ -180,3 +181,20 @@ class FeaturesAndLogits(nn.Module):
     def forward(self, x):
         pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
         return pooled, self.model.get_classifier()(pooled)
+
+
+@torch.no_grad()
+def teacher_logits(teachers, views_per_teacher, amp=False):
+    """Each teacher's logits on the same crops; views_per_teacher[t] holds the crops resized for
+    teacher t (uint8 NCHW on the device), normalized here with teacher t's mean and std."""
+    outputs = []
+    for (teacher, extra), images in zip(teachers, views_per_teacher):
+        cfg = extra["data_config"]
+        with torch.autocast(images.device.type, enabled=amp and images.is_cuda):
+            outputs.append(teacher(normalize(images, cfg["mean"], cfg["std"])).float())
+    return outputs
+
+
+def ensemble_probs(logits_per_teacher, temperature=1.0):
+    """P_i = T(R_i) (Sec. 3.1); several teachers: the exact mean of their softmax on the same crop."""
+    return torch.stack([F.softmax(z / temperature, dim=1) for z in logits_per_teacher]).mean(dim=0)

@@ -1,7 +1,6 @@
 """BAKE pieces against the paper's equations, the per-class sampler, and the CLI end to end."""
 import json
 import math
-import os
 import sys
 
 import numpy as np
@@ -160,7 +159,7 @@ def test_cli_end_to_end_resume_and_torchrun(tiny_data, tmp_path):
     resumed = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["val_top1"] for r in resumed] == [r["val_top1"] for r in records]
     assert resumed[1]["train_loss"] == pytest.approx(records[1]["train_loss"], rel=1e-5)
-    base = run_script([sys.executable, "bake.py", "--data", tiny_data, "--out", str(tmp_path / "c"), *TINY, "--baseline"])
+    run_script([sys.executable, "bake.py", "--data", tiny_data, "--out", str(tmp_path / "c"), *TINY, "--baseline"])
     assert [json.loads(l)["train_kd"] for l in open(tmp_path / "c" / "metrics.jsonl")] == [0.0, 0.0]
     result = run_script(torchrun(2) + ["bake.py", "--data", tiny_data, "--out", str(tmp_path / "d"), *TINY])
     ddp = [json.loads(l) for l in open(tmp_path / "d" / "metrics.jsonl")]

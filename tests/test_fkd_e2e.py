@@ -109,7 +109,6 @@ def test_training_refuses_store_of_other_data_or_codec(base_run, tiny_teacher, t
     result = run_script(fkd_args(other, tiny_teacher, tmp_path / "o", "--labels", str(out / "labels")), check=False)
     assert result.returncode != 0 and "error: label store" in result.stderr and "num_images" in result.stderr
     assert "Traceback" not in result.stderr
-    data = os.path.dirname(os.path.dirname(LabelStore.open(str(out / "labels")).path))
     result = run_script(fkd_args(str(tmp_path / "other"), tiny_teacher, tmp_path / "o2", "--codec", "mr",
                                  "--labels", str(out / "labels")), check=False)
     assert result.returncode != 0 and "codec" in result.stderr

@@ -5,18 +5,20 @@ import torch.nn.functional as F
 
 import fkd
 from common.data import mix_batch
+from common.labels import crop_schedule
+from common.models import ensemble_probs, teacher_logits
 
 
 def test_crop_schedule_is_non_overlapping_until_all_used():
     stored, m = 10, 4
-    used = np.concatenate([fkd.crop_schedule(0, 7, stored, start, m) for start in range(0, 8, m)])
+    used = np.concatenate([crop_schedule(0, 7, stored, start, m) for start in range(0, 8, m)])
     assert len(set(used.tolist())) == 8  # first 8 positions: 8 distinct crops
-    first_cycle = fkd.crop_schedule(0, 7, stored, 0, stored)
+    first_cycle = crop_schedule(0, 7, stored, 0, stored)
     assert sorted(first_cycle.tolist()) == list(range(stored))
     # positions 8..11 straddle two permutations; positions are consistent however they are chunked
-    assert np.array_equal(fkd.crop_schedule(0, 7, stored, 8, 4),
-                          np.concatenate([fkd.crop_schedule(0, 7, stored, 8, 2), fkd.crop_schedule(0, 7, stored, 10, 2)]))
-    assert not np.array_equal(fkd.crop_schedule(0, 7, stored, 0, stored), fkd.crop_schedule(0, 8, stored, 0, stored))
+    assert np.array_equal(crop_schedule(0, 7, stored, 8, 4),
+                          np.concatenate([crop_schedule(0, 7, stored, 8, 2), crop_schedule(0, 7, stored, 10, 2)]))
+    assert not np.array_equal(crop_schedule(0, 7, stored, 0, stored), crop_schedule(0, 8, stored, 0, stored))
 
 
 def test_pass_plan_matches_official_loop():
@@ -43,10 +45,10 @@ def test_soft_cross_entropy_equals_hand_computed():
 
 def test_ensemble_is_mean_of_softmax():
     a, b = torch.tensor([[4.0, 0.0]]), torch.tensor([[0.0, 4.0]])
-    out = fkd.ensemble_probs([a, b])
+    out = ensemble_probs([a, b])
     torch.testing.assert_close(out, torch.tensor([[0.5, 0.5]]))
     z = torch.randn(3, 7)
-    torch.testing.assert_close(fkd.ensemble_probs([z], temperature=3.0), torch.softmax(z / 3, 1))
+    torch.testing.assert_close(ensemble_probs([z], temperature=3.0), torch.softmax(z / 3, 1))
 
 
 def test_teachers_see_their_own_size_and_normalization():
@@ -60,7 +62,7 @@ def test_teachers_see_their_own_size_and_normalization():
     img = torch.full((2, 3, 8, 8), 128, dtype=torch.uint8)
     teachers = [(Probe(), {"data_config": {"mean": [0.5] * 3, "std": [0.5] * 3}}),
                 (Probe(), {"data_config": {"mean": [0.0] * 3, "std": [1.0] * 3}})]
-    fkd.teacher_logits(teachers, [img, torch.full((2, 3, 12, 12), 128, dtype=torch.uint8)])
+    teacher_logits(teachers, [img, torch.full((2, 3, 12, 12), 128, dtype=torch.uint8)])
     assert seen[0][0] == 8 and seen[1][0] == 12
     assert abs(seen[0][1] - (128 / 255 - 0.5) / 0.5) < 1e-5 and abs(seen[1][1] - 128 / 255) < 1e-5
 
