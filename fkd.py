@@ -435,8 +435,8 @@ def run(args, ctx):
     seed_everything(args.seed, ctx.rank)
     start = time.time()
     root = demo.ensure_data(ctx) if args.data == "demo" else args.data
-    if args.data == "demo" and not args.teacher and args.mode != "ce":
-        args.teacher = [demo.ensure_teacher(DEMO_TEACHER, ctx, log=ctx.print)]
+    if args.data == "demo" and args.mode != "ce":
+        args.teacher = demo.resolve_teachers(args.teacher, [DEMO_TEACHER], ctx, log=ctx.print)
     check_args(args, ctx.world)
     train_set = image_folder(root, "train")
     num_classes = len(train_set.classes)

@@ -174,3 +174,9 @@ def ensure_teacher(arch, ctx=None, epochs=40, log=print):
     if ctx is not None:
         ctx.barrier()
     return f"{arch}={path}"
+
+
+def resolve_teachers(specs, default, ctx=None, log=print):
+    """On the demo set a bare model name (no =PATH) means that architecture trained on the demo set
+    (trained once, then cached); NAME=PATH specs pass through."""
+    return [spec if "=" in spec else ensure_teacher(spec, ctx, log=log) for spec in (specs or default)]
