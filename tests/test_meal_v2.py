@@ -4,7 +4,6 @@ import math
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
