@@ -60,8 +60,8 @@ PRESETS = {  # the paper's ResNet-50 recipe; a laptop-sized one for the demo
     "imagenet": dict(arch="resnet50", init="resnet50.ram_in1k", teacher=["senet154.gluon_in1k", "resnet152s.gluon_in1k"],
                      epochs=180, lr_drop_epoch=100, batch_size=512, base_lr=0.01, input_size=224, crop_pct=0.875,
                      workers=8, out="runs/meal_v2"),
-    "demo": dict(arch="test_efficientnet", init=None, teacher=None, epochs=8, lr_drop_epoch=6, batch_size=64,
-                 base_lr=0.08, input_size=64, crop_pct=1.0, workers=2, out="runs/meal_v2_demo"),
+    "demo": dict(arch="test_efficientnet", init=None, teacher=None, epochs=16, lr_drop_epoch=12, batch_size=64,
+                 base_lr=0.24, input_size=64, crop_pct=1.0, workers=2, out="runs/meal_v2_demo"),
 }
 TEACHERS_380 = ["tf_efficientnet_b4.ns_jft_in1k", "tf_efficientnet_b4.in1k"]  # the paper's 380 pair
 DEMO_TEACHERS, DEMO_STUDENT_INIT_EPOCHS = ("test_resnet", "test_efficientnet"), 6
