@@ -219,6 +219,9 @@ def train(args, ctx, root, train_set, val_sets, cfg, out):
     per_rank = args.batch_size // ctx.world
     sampler = PerClassBatchSampler(train_set.targets, per_rank // (args.per_class + 1), args.per_class,
                                    ctx.rank, ctx.world, args.seed)
+    if len(sampler) == 0:
+        raise DataError(f"{len(train_set)} training images make no batch of {args.batch_size} "
+                        f"(anchors + same-class images, all processes); lower --batch-size")
     data = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
                                        pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0)
     metrics, run_start = {}, time.time()
@@ -275,7 +278,7 @@ def main(argv=None):
     ctx = setup(args.device)
     try:
         run(args, ctx)
-    except (DataError, ModelError) as error:
+    except (DataError, ModelError, FloatingPointError) as error:
         raise SystemExit(f"error: {error}")
     finally:
         cleanup()

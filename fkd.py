@@ -147,7 +147,7 @@ def check_args(args, world):
          f"{args.num_crops} exceeds the {args.stored_crops} crops stored per image")
     need(0 < args.crop_scale[0] <= args.crop_scale[1] <= 1, "--crop-scale needs 0 < low <= high <= 1")
     need(args.temperature > 0 and args.lr > 0, "--temperature and --lr must be > 0")
-    need(args.codec in ("ms", "mr") or args.k >= 1, "--k must be >= 1")
+    need(args.codec not in ("ms", "mr") or args.k >= 1, f"--k {args.k} must be >= 1 for the top-K codecs (the paper uses 5)")
     need(args.stores == "probs" or args.codec == "full", "--stores logits needs --codec full")
     need(args.stores == "probs" or len(args.teacher or []) == 1, "--stores logits takes one --teacher")
 
@@ -425,7 +425,7 @@ def main(argv=None):
     ctx = setup(args.device)
     try:
         run(args, ctx)
-    except (DataError, ModelError, StoreError) as error:
+    except (DataError, ModelError, StoreError, FloatingPointError) as error:
         raise SystemExit(f"error: {error}")
     finally:
         cleanup()

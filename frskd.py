@@ -401,7 +401,7 @@ def main(argv=None):
     ctx = setup(args.device)
     try:
         run(args, ctx)
-    except (DataError, ModelError) as error:
+    except (DataError, ModelError, FloatingPointError) as error:
         raise SystemExit(f"error: {error}")
     finally:
         cleanup()

@@ -263,7 +263,7 @@ def main(argv=None):
     ctx = setup(args.device)
     try:
         run(args, ctx)
-    except (DataError, ModelError, StoreError) as error:
+    except (DataError, ModelError, StoreError, FloatingPointError) as error:
         raise SystemExit(f"error: {error}")
     finally:
         cleanup()

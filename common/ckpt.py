@@ -65,8 +65,10 @@ def load_resume(path):
 
 def check_finite(loss, epoch, out):
     if not math.isfinite(loss):
-        raise FloatingPointError(f"training loss became {loss} in epoch {epoch}; the last good "
-                                 f"checkpoint is kept in {out}/last.pth; lower --lr or disable --amp")
+        last = os.path.join(out, "last.pth")
+        kept = f"the last good checkpoint is kept in {last}" if os.path.isfile(last) else "no checkpoint was written yet"
+        raise FloatingPointError(f"training loss became {loss} in epoch {epoch + 1}; {kept}; lower --lr "
+                                 f"or disable --amp")
 
 
 class MetricsLog:
@@ -87,8 +89,9 @@ class MetricsLog:
             return
         with open(self.path) as f:
             keep = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
-        with open(self.path, "w") as f:
+        with open(self.path + ".tmp", "w") as f:
             f.writelines(keep)
+        os.replace(self.path + ".tmp", self.path)
 
 
 class Checkpointer:
@@ -108,7 +111,8 @@ class Checkpointer:
 
     def restore(self):
         """Load the resume checkpoint if any; returns (start_epoch, best_top1)."""
-        if not self.resume_path:
+        if not self.resume_path:  # a fresh start (also after --overwrite, or a run killed before its first save)
+            self.log.truncate_after(0)
             return 0, 0.0
         state = load_resume(self.resume_path)
         for name, obj in self.objects.items():

@@ -117,6 +117,9 @@ class TaggedSampler(Sampler):
 
 
 def loader(dataset, batch_size, workers, sampler=None, device=None, drop_last=False, persistent=True):
+    if drop_last and len(sampler if sampler is not None else dataset) < batch_size:
+        raise DataError(f"each process gets {len(sampler if sampler is not None else dataset)} training images "
+                        f"per epoch, fewer than its batch of {batch_size}; lower --batch-size")
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         pin_memory=device is not None and device.type == "cuda", drop_last=drop_last,

@@ -148,19 +148,18 @@ class LabelStore:
         if meta["codec"] not in CODECS:
             raise StoreError(f"unknown codec {meta['codec']!r}; choose one of {', '.join(CODECS)}")
         meta = dict(meta, format_version=FORMAT_VERSION)
-        os.makedirs(path, exist_ok=True)
-        for name, (shape, dtype) in cls.array_specs(meta).items():
-            file = os.path.join(path, f"{name}.npy")
-            array = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
-            size = array.offset + array.nbytes
-            del array
-            with open(file, "r+b") as f:
-                try:
+        try:
+            os.makedirs(path, exist_ok=True)
+            for name, (shape, dtype) in cls.array_specs(meta).items():
+                file = os.path.join(path, f"{name}.npy")
+                array = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+                size = array.offset + array.nbytes
+                del array
+                with open(file, "r+b") as f:
                     os.posix_fallocate(f.fileno(), 0, size)
-                except OSError as error:
-                    raise StoreError(f"cannot reserve {size / 2**20:.1f} MiB for the label store "
-                                     f"in {path}: {error.strerror}; free disk space or pass "
-                                     f"another --labels folder") from None
+        except OSError as error:  # ENOSPC, EFBIG (file size limit), EDQUOT, EACCES, ...
+            raise StoreError(f"cannot create the label store in {path} ({error.strerror}); free disk space "
+                             f"or pass another --labels folder, then run the same command again") from None
         _write_json_atomic(os.path.join(path, "meta.json"), meta)
         return cls(path, meta, writable=True)
 

@@ -1,0 +1,211 @@
+"""Faults and bad input across the four method files: kill -9 and resume, NaN, a failing rank,
+a full disk, hostile files, and the one-sentence errors for bad flags and data."""
+import filecmp
+import json
+import os
+import pickle
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common.ckpt import save_atomic
+from conftest import ROOT, make_image_folder, make_teacher, run_script, torchrun
+
+FKD = ["--arch", "test_efficientnet", "--input-size", "32", "--batch-size", "8", "--num-crops", "2",
+       "--stored-crops", "4", "--k", "2", "--epochs", "2", "--workers", "0", "--label-batch", "4"]
+SMALL = ["--arch", "test_efficientnet", "--input-size", "32", "--batch-size", "8", "--workers", "0",
+         "--crop-pct", "1.0"]
+
+
+def method_args(method, data, teacher, out, *extra):
+    """A tiny run of any method file (MEAL V2 with a random student init: no download)."""
+    flags = {"fkd": FKD + ["--teacher", teacher], "bake": SMALL, "frskd": ["--arch", "test_resnet", "--input-size", "32",
+             "--batch-size", "8", "--workers", "0", "--crop-pct", "1.0", "--milestones", "2"],
+             "meal_v2": SMALL + ["--teacher", teacher, "--init", "none", "--lr-drop-epoch", "2"]}[method]
+    return [sys.executable, f"{method}.py", "--data", data, "--out", str(out), *flags, *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def one_sentence_error(result, *needles):
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 during training, then --resume auto: same metrics and weights as an uninterrupted run
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["fkd", "bake", "frskd", "meal_v2"])
+def test_kill9_during_training_then_resume_matches_uninterrupted(method, tiny_data, tiny_teacher, tmp_path):
+    epochs = ["--epochs", "4"]
+    run_script(method_args(method, tiny_data, tiny_teacher, tmp_path / "whole", *epochs))
+    if method == "fkd":  # share the finished label store, so only training is interrupted
+        shutil.copytree(tmp_path / "whole" / "labels", tmp_path / "killed" / "labels")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(method_args(method, tiny_data, tiny_teacher, tmp_path / "killed", *epochs), cwd=ROOT,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and log.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    run_script(method_args(method, tiny_data, tiny_teacher, tmp_path / "killed", *epochs, "--resume", "auto"))
+    whole, resumed = metrics(tmp_path / "whole"), metrics(tmp_path / "killed")
+    assert [r["epoch"] for r in resumed] == [r["epoch"] for r in whole]
+    for a, b in zip(whole, resumed):
+        assert a["val_top1"] == b["val_top1"] and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    a = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "last.pth", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN loss, hostile checkpoint, refusal to overwrite
+# ---------------------------------------------------------------------------------------------
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run_script(method_args("bake", tiny_data, None, out, "--epochs", "2", "--stop-epoch", "1"))
+    state = torch.load(out / "last.pth", weights_only=True)
+    state["model"] = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in state["model"].items()}
+    save_atomic(state, str(out / "last.pth"))  # weights that can only produce NaN from here on
+    before = (out / "last.pth").read_bytes()
+    result = run_script(method_args("bake", tiny_data, None, out, "--epochs", "2", "--resume", "auto"), check=False)
+    one_sentence_error(result, "training loss became nan in epoch 2", "last good checkpoint is kept")
+    assert (out / "last.pth").read_bytes() == before and len(metrics(out)) == 1
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = "/tmp/kd_reference_pickle_payload_ran"
+
+
+def test_crafted_pickle_checkpoint_is_refused_without_running(tiny_data, tmp_path):
+    if os.path.exists(MARKER):
+        os.remove(MARKER)
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / "last.pth", "wb") as f:
+        pickle.dump({"model": Payload(), "epoch": 1}, f)
+    result = run_script(method_args("frskd", tiny_data, None, out, "--epochs", "1", "--resume", "auto"), check=False)
+    one_sentence_error(result, "refused")
+    assert not os.path.exists(MARKER)
+
+
+@pytest.mark.parametrize("method", ["bake", "frskd", "meal_v2"])
+def test_output_folder_with_a_run_is_not_overwritten(method, tiny_data, tiny_teacher, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pth").write_bytes(b"someone else's checkpoint")
+    result = run_script(method_args(method, tiny_data, tiny_teacher, out, "--epochs", "1"), check=False)
+    one_sentence_error(result, "already holds a run", "--resume auto", "--overwrite")
+    assert (out / "last.pth").read_bytes() == b"someone else's checkpoint"
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one sentence naming the problem and the fix
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    data = make_image_folder(root / "data")
+    missing_val = shutil.copytree(data, root / "missing_val")
+    shutil.rmtree(os.path.join(missing_val, "val", sorted(os.listdir(os.path.join(missing_val, "val")))[0]))
+    corrupt = shutil.copytree(data, root / "corrupt")
+    victim = os.path.join(corrupt, "train", sorted(os.listdir(os.path.join(corrupt, "train")))[2], "img_002.png")
+    with open(victim, "r+b") as f:
+        f.truncate(120)
+    (root / "empty").mkdir()
+    return {"data": data, "missing_val": missing_val, "corrupt": corrupt, "victim": victim,
+            "empty": str(root / "empty"), "wrong_classes": make_teacher(root / "t5.pth", classes=5),
+            "wrong_arch": f"resnet10t={root / 't5.pth'}"}
+
+
+BAD_FKD = [  # (what, data key, extra flags, words the error must contain)
+    ("missing --data", "nowhere", [], ["does not exist", "--data must point"]),
+    ("empty --data", "empty", [], ["train does not exist"]),
+    ("class folder in train, not in val", "missing_val", [], ["differ from train", "same class folders"]),
+    ("corrupt image", "corrupt", [], ["cannot read image", "img_002.png", "remove or replace"]),
+    ("teacher of another class count", "data", ["--teacher", "wrong_classes"], ["predicts 5 classes", "3 class folders"]),
+    ("weights of another architecture", "data", ["--teacher", "wrong_arch"], ["do not fit architecture resnet10t"]),
+    ("num_crops > stored crops", "data", ["--num-crops", "8", "--batch-size", "16"], ["exceeds the 4 crops"]),
+    ("batch not divisible by num_crops", "data", ["--batch-size", "7"], ["divisible by --num-crops"]),
+    ("out-of-range flag", "data", ["--k", "0"], ["--k 0 must be >= 1"]),
+    ("negative lr", "data", ["--lr", "-1"], ["--lr must be > 0"]),
+    ("batch larger than the data", "data", ["--batch-size", "64"], ["lower --batch-size"]),
+]
+
+
+@pytest.mark.parametrize("what,data_key,extra,needles", BAD_FKD, ids=[case[0] for case in BAD_FKD])
+def test_fkd_bad_input_one_sentence(what, data_key, extra, needles, bad_inputs, tiny_teacher, tmp_path):
+    data = bad_inputs.get(data_key, str(tmp_path / "nowhere"))
+    extra = [bad_inputs.get(x, x) if x in ("wrong_classes", "wrong_arch") else x for x in extra]
+    result = run_script(method_args("fkd", data, tiny_teacher, tmp_path / "out", *extra), check=False)
+    one_sentence_error(result, *needles)
+
+
+def test_store_of_other_images_or_codec_is_refused_and_kept(bad_inputs, tiny_teacher, tmp_path):
+    run_script(method_args("fkd", bad_inputs["data"], tiny_teacher, tmp_path / "a", "--mode", "label"))
+    before = {n: (tmp_path / "a" / "labels" / n).read_bytes() for n in os.listdir(tmp_path / "a" / "labels")}
+    other = shutil.copytree(bad_inputs["data"], tmp_path / "other")
+    os.remove(os.path.join(other, "train", sorted(os.listdir(os.path.join(other, "train")))[0], "img_000.png"))
+    for data, extra, needle in ((str(other), [], "num_images"), (bad_inputs["data"], ["--codec", "mr"], "codec")):
+        result = run_script(method_args("fkd", data, tiny_teacher, tmp_path / "b", "--labels",
+                                        str(tmp_path / "a" / "labels"), *extra), check=False)
+        one_sentence_error(result, needle)
+    after = {n: (tmp_path / "a" / "labels" / n).read_bytes() for n in os.listdir(tmp_path / "a" / "labels")}
+    assert before == after
+
+
+# ---------------------------------------------------------------------------------------------
+# full disk during label generation; a failing rank under torchrun; a different process count
+# ---------------------------------------------------------------------------------------------
+def test_full_disk_during_label_generation_then_resume(tiny_data, tiny_teacher, tmp_path):
+    label = ["--mode", "label", "--stored-crops", "200"]
+
+    def small_file_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # the store needs more than 20 kB
+
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    args = method_args("fkd", tiny_data, tiny_teacher, tmp_path / "full", *label)
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=small_file_limit,
+                            timeout=300)
+    one_sentence_error(result, "cannot create the label store", "free disk space", "run the same command again")
+    run_script(args)  # space is free again: the same command finishes the store
+    run_script(method_args("fkd", tiny_data, tiny_teacher, tmp_path / "clean", *label))
+    a, b = tmp_path / "full" / "labels", tmp_path / "clean" / "labels"
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    assert all(filecmp.cmp(a / n, b / n, shallow=False) for n in os.listdir(a))
+
+
+def test_failing_rank_ends_the_whole_job(bad_inputs, tiny_teacher, tmp_path):
+    # the corrupt image sits in rank 1's share of the labels: rank 0 must not hang waiting for it
+    start = time.time()
+    result = run_script(torchrun(2) + method_args("fkd", bad_inputs["corrupt"], tiny_teacher, tmp_path / "out")[1:],
+                        timeout=240, check=False)
+    assert result.returncode != 0 and time.time() - start < 180
+    assert "cannot read image" in result.stdout + result.stderr
+
+
+def test_resume_with_another_process_count(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run_script(torchrun(2) + method_args("frskd", tiny_data, None, out, "--epochs", "2", "--stop-epoch", "1")[1:])
+    run_script(method_args("frskd", tiny_data, None, out, "--epochs", "2", "--resume", "auto"))
+    assert [r["epoch"] for r in metrics(out)] == [1, 2] and metrics(out)[1]["val_count"] == 9
