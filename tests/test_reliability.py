@@ -209,3 +209,10 @@ def test_resume_with_another_process_count(tiny_data, tmp_path):
     run_script(torchrun(2) + method_args("frskd", tiny_data, None, out, "--epochs", "2", "--stop-epoch", "1")[1:])
     run_script(method_args("frskd", tiny_data, None, out, "--epochs", "2", "--resume", "auto"))
     assert [r["epoch"] for r in metrics(out)] == [1, 2] and metrics(out)[1]["val_count"] == 9
+
+
+def test_images_smaller_than_the_crop_are_accepted(tmp_path):
+    data = make_image_folder(tmp_path / "small", size=12)  # 12 px images, 32 px crops
+    teacher = make_teacher(tmp_path / "t.pth")
+    run_script(method_args("fkd", data, teacher, tmp_path / "out"))
+    assert metrics(tmp_path / "out")[-1]["val_count"] == 9
