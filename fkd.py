@@ -49,7 +49,7 @@ from timm.scheduler import CosineLRScheduler
 from common import ckpt, demo
 from common.crops import replay_crops, sample_crops
 from common.data import (DataError, FreshCrops, TaggedSampler, eval_loader, evaluate, image_folder,
-                         eval_transform, load_rgb, loader, mix_batch, to_uint8_tensor)
+                         eval_transform, load_rgb, loader, mix_batch)
 from common.dist import seed_everything, setup, cleanup, unwrap
 from common.labels import CODECS, LabelStore, StoreError, StoredCrops, decode, encode, image_list_hash
 from common.models import (ModelError, create, ensemble_probs, load_teachers, make_optimizer, normalize,
@@ -172,8 +172,8 @@ class CropsForTeachers(Dataset):
 
     def __getitem__(self, i):
         n, j = self.items[i]
-        image = to_uint8_tensor(load_rgb(self.samples[n][0]))
-        boxes, flips = sample_crops(self.seed, n, image.shape[2], image.shape[1], self.num_crops,
+        image = load_rgb(self.samples[n][0])
+        boxes, flips = sample_crops(self.seed, n, image.width, image.height, self.num_crops,
                                     self.scale, self.ratio)
         part = slice(j * self.block, (j + 1) * self.block)
         views = [replay_crops(image, boxes[part], flips[part], size, interp) for size, interp in self.views]
@@ -403,7 +403,7 @@ def show_labels(store, train_set, path, num_images=6, crops_per_image=6, size=12
     draw = ImageDraw.Draw(canvas)
     for row, n in enumerate(images):
         boxes, flips, indices, values = store.read(int(n), np.arange(crops_per_image))
-        crops = replay_crops(to_uint8_tensor(load_rgb(train_set.samples[n][0])), boxes, flips, size)
+        crops = replay_crops(load_rgb(train_set.samples[n][0]), boxes, flips, size)
         probs = decode(None if indices is None else torch.from_numpy(indices),
                        None if values is None else torch.from_numpy(values), store.meta["codec"],
                        store.meta["num_classes"], store.meta["temperature"] if store.meta["stores"] == "logits" else None)

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -56,14 +57,30 @@ def sample_crops(seed, index, width, height, num_crops, scale=(0.08, 1.0), ratio
     return boxes, flips
 
 
-def replay_crops(image, boxes, flips, size, interpolation="bilinear"):
-    """Cut the recorded boxes out of a uint8 CHW image, resize each to size x size, apply its flip.
+PIL_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
-    Works on CPU or CUDA tensors; returns uint8 [len(boxes), C, size, size].
+
+def replay_crops(image, boxes, flips, size, interpolation="bilinear"):
+    """Cut the recorded boxes out of an image, resize each to size x size, apply its flip.
+
+    `image`: a PIL RGB image (the fast path used by every loader: PIL's SIMD crop-and-resize in one
+    call, ~30x faster than resizing uint8 tensors on CPU) or a uint8 CHW tensor on any device.
+    Returns uint8 [len(boxes), C, size, size]. The same input always gives the same bytes, so label
+    generation and training see identical crops.
     """
+    boxes = np.asarray(boxes).tolist()
+    if isinstance(image, Image.Image):
+        out = torch.empty((len(boxes), 3, size, size), dtype=torch.uint8)
+        for i, (top, left, h, w) in enumerate(boxes):
+            crop = image.resize((size, size), PIL_RESAMPLE[interpolation], box=(left, top, left + w, top + h))
+            if flips[i]:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            out[i] = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)
+        return out
     mode = InterpolationMode(interpolation)
     out = torch.empty((len(boxes), image.shape[0], size, size), dtype=image.dtype, device=image.device)
-    for i, (top, left, h, w) in enumerate(np.asarray(boxes).tolist()):
+    for i, (top, left, h, w) in enumerate(boxes):
         crop = TF.resized_crop(image, top, left, h, w, [size, size], interpolation=mode, antialias=True)
         out[i] = TF.horizontal_flip(crop) if flips[i] else crop
     return out

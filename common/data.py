@@ -42,11 +42,6 @@ def load_rgb(path):
         raise DataError(f"cannot read image {path} ({error}); remove or replace the file") from None
 
 
-def to_uint8_tensor(img):
-    """PIL RGB -> uint8 CHW tensor."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-
-
 def image_folder(root, split, transform=None, classes=None):
     """torchvision ImageFolder of root/split with RGB loading and one-sentence errors.
 
@@ -189,8 +184,8 @@ class FreshCrops(Dataset):
 
     def __getitem__(self, item):
         n, epoch = item
-        image = to_uint8_tensor(load_rgb(self.samples[n][0]))
-        boxes, flips = sample_crops(self.seed, n, image.shape[2], image.shape[1], self.m,
+        image = load_rgb(self.samples[n][0])
+        boxes, flips = sample_crops(self.seed, n, image.width, image.height, self.m,
                                     self.scale, self.ratio, stream=1 + epoch)
         crops = replay_crops(image, boxes, flips, self.size, self.interp)
         views = [replay_crops(image, boxes, flips, s, i) for s, i in self.views]

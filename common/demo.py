@@ -18,10 +18,11 @@ from PIL import Image, ImageDraw
 
 from .crops import replay_crops, sample_crops
 from .ckpt import save_atomic
-from .data import image_folder, load_rgb, to_uint8_tensor
+from .data import image_folder, load_rgb
 from .models import create, normalize
 
-VERSION = 1
+VERSION = 1  # of the data set; bump when the rendering changes (invalidates caches)
+TEACHER_VERSION = 2  # of the demo teachers' training (2: PIL crops)
 CLASSES = ("disc", "square", "triangle", "plus", "ring", "star", "diamond", "crescent", "hexagon", "arrow")
 IMAGE_SIZE = 64
 TRAIN_PER_CLASS, VAL_PER_CLASS = 150, 50
@@ -133,7 +134,7 @@ def ensure_data(ctx=None):
 def train_teacher(arch, root, epochs, seed=0, batch_size=64, lr=0.1, log=print):
     """Plain cross-entropy on random-resized crops of the demo train set (in memory, CPU)."""
     train = image_folder(root, "train")
-    images = [to_uint8_tensor(load_rgb(p)) for p, _ in train.samples]
+    images = [load_rgb(p) for p, _ in train.samples]
     targets = torch.tensor(train.targets)
     torch.manual_seed(seed)
     model, _ = create(arch, len(train.classes), pretrained_head="none")
@@ -163,7 +164,7 @@ def train_teacher(arch, root, epochs, seed=0, batch_size=64, lr=0.1, log=print):
 def ensure_teacher(arch, ctx=None, epochs=40, log=print):
     """Path of a demo teacher checkpoint (`arch=PATH` spec), training it once if needed."""
     root = ensure_data(ctx)
-    path = os.path.join(cache_dir(), f"demo-teacher-{arch}-v{VERSION}-e{epochs}.pth")
+    path = os.path.join(cache_dir(), f"demo-teacher-{arch}-v{TEACHER_VERSION}-e{epochs}.pth")
     if (ctx is None or ctx.main) and not os.path.isfile(path):
         start = time.time()
         log(f"training the demo teacher {arch} once ({epochs} epochs on CPU; cached in {path})")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .crops import replay_crops
-from .data import load_rgb, to_uint8_tensor
+from .data import load_rgb
 
 CODECS = ("full", "hard", "smooth", "ms", "mr")
 FORMAT_VERSION = 1
@@ -305,7 +305,7 @@ class StoredCrops(Dataset):
         n, start = item
         crop_ids = crop_schedule(self.seed, n, self.store.meta["num_crops"], start, self.m)
         boxes, flips, indices, values = self.store.read(n, crop_ids)
-        image = to_uint8_tensor(load_rgb(self.samples[n][0]))
+        image = load_rgb(self.samples[n][0])
         crops = replay_crops(image, boxes, flips, self.size, self.interp)  # exact replay of the crop
         empty = torch.zeros(0)
         return (crops, torch.from_numpy(indices) if indices is not None else empty,

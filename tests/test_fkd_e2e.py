@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, make_image_folder, run_script, torchrun
 from common.crops import replay_crops
-from common.data import load_rgb, to_uint8_tensor, image_folder
+from common.data import load_rgb, image_folder
 from common.labels import LabelStore, encode
 from common.models import create, normalize
 
@@ -65,7 +65,7 @@ def test_replayed_crops_give_back_stored_labels(base_run, tiny_data, tiny_teache
     cfg = extra["data_config"]
     for n in (0, 7, 17):
         boxes, flips, indices, values = store.read(n, np.arange(6))
-        image = to_uint8_tensor(load_rgb(train.samples[n][0]))
+        image = load_rgb(train.samples[n][0])
         crops = replay_crops(image, boxes, flips, cfg["input_size"], cfg["interpolation"])
         with torch.no_grad():
             probs = torch.softmax(teacher(normalize(crops, cfg["mean"], cfg["std"])), 1)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import meal_v2
 from common.crops import replay_crops
-from common.data import load_rgb, to_uint8_tensor, image_folder
+from common.data import load_rgb, image_folder
 from common.labels import LabelStore, StoredCrops, crop_schedule, decode
 from common.models import create, ensemble_probs, load_teachers, teacher_logits
 from conftest import TINY_CFG, make_teacher, run_script, torchrun
@@ -181,7 +181,7 @@ def test_labels_route_targets_are_the_decoded_stored_ensemble(ensemble_store, ti
         stored = decode(None, torch.from_numpy(values), "full", 3)
         torch.testing.assert_close(targets[2 * row:2 * row + 2], stored)
         # and those stored rows are the teachers' ensemble on the same crops, each at its own size
-        image = to_uint8_tensor(load_rgb(train.samples[n][0]))
+        image = load_rgb(train.samples[n][0])
         views = [replay_crops(image, boxes, flips, ex["data_config"]["input_size"], ex["data_config"]["interpolation"])
                  for _, ex in teachers]
         with torch.no_grad():
