@@ -440,7 +440,9 @@ def run(args, ctx):
         metrics, best, seconds = train(run_args, ctx, train_set, val_sets, cfg, out)
         results[name] = {"final": metrics, "best_top1": best, "train_time": seconds}
     line = ", ".join(f"{name} classifier top-1 {r['final'].get('val_top1', float('nan')):.2f}% "
-                     f"(best {r['best_top1']:.2f}%, {r['train_time']:.0f}s)" for name, r in results.items())
+                     f"(best {r['best_top1']:.2f}%, {r['train_time']:.0f}s)"
+                     + (f", self-teacher {r['final']['val_self_teacher_top1']:.2f}%"
+                        if "val_self_teacher_top1" in r["final"] else "") for name, r in results.items())
     ctx.print(f"FRSKD summary: {args.arch}, {args.epochs} epochs: {line}; total {time.time() - start:.0f}s, out {args.out}")
     if ctx.main:
         os.makedirs(args.out, exist_ok=True)

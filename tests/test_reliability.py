@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,3 +217,25 @@ def test_images_smaller_than_the_crop_are_accepted(tmp_path):
     teacher = make_teacher(tmp_path / "t.pth")
     run_script(method_args("fkd", data, teacher, tmp_path / "out"))
     assert metrics(tmp_path / "out")[-1]["val_count"] == 9
+
+
+def test_killed_generation_under_torchrun_resumes_byte_identical(tiny_data, tiny_teacher, tmp_path):
+    slow = ["--mode", "label", "--stored-crops", "120", "--label-batch", "40", "--flush-every", "1"]
+    run_script(method_args("fkd", tiny_data, tiny_teacher, tmp_path / "whole", *slow))
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    job = subprocess.Popen(torchrun(2) + method_args("fkd", tiny_data, tiny_teacher, tmp_path / "killed", *slow)[1:],
+                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    done_file = tmp_path / "killed" / "labels" / "done.npy"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if done_file.exists() and (tmp_path / "killed" / "labels" / "meta.json").exists():
+            if 0 < np.load(done_file, mmap_mode="r").sum() < 18:
+                break
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both workers at once
+    job.wait()
+    assert 0 < np.load(done_file).sum() < 18, "the kill should land in the middle of the generation"
+    run_script(torchrun(2) + method_args("fkd", tiny_data, tiny_teacher, tmp_path / "killed", *slow)[1:])
+    a, b = tmp_path / "whole" / "labels", tmp_path / "killed" / "labels"
+    assert all(filecmp.cmp(a / n, b / n, shallow=False) for n in os.listdir(a))

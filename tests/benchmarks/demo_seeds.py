@@ -22,7 +22,10 @@ def top1_of(method, summary):
     if method == "meal_v2":
         return {"student init": summary["init_top1"], "meal_v2": summary["final"]["val_top1"],
                 "teacher ensemble": summary["ensemble_top1"]}, {"meal_v2": summary["train_time"]}
-    return ({name: run["final"]["val_top1"] for name, run in summary.items()},
+    tops = {name: run["final"]["val_top1"] for name, run in summary.items()}
+    if "val_self_teacher_top1" in summary.get("frskd", {}).get("final", {}):
+        tops["frskd self-teacher"] = summary["frskd"]["final"]["val_self_teacher_top1"]
+    return (tops,
             {name: run["train_time"] for name, run in summary.items()})
 
 
