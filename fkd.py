@@ -373,7 +373,7 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
         position += m
         metrics = {"epoch": epoch + covered, "crops_per_image": m, "lr": optimizer.param_groups[0]["lr"],
                    "train_loss": loss_sum / max(seen, 1), "train_crop_top1": 100 * correct / max(seen, 1),
-                   "train_time": time.time() - pass_start}
+                   "train_crops": int(seen), "train_time": time.time() - pass_start}
         for name, val_loader in val_sets.items():
             result = evaluate(model, val_loader, ctx, student_cfg["mean"], student_cfg["std"], args.amp, desc=name)
             metrics.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],

@@ -11,6 +11,8 @@
    of the same size and batch (same threads).
 3. Label store: random-access reads/s from a store of --store-images x --store-crops (ms, K=5)
    with several loader workers, and the workers' resident memory before/after (mmap: flat).
+4. Scaling (--scaling): label generation and FKD training throughput under torchrun with 1 and 2
+   processes (gloo on CPU, one thread each), and the parallel efficiency.
 
 Prints tables (device, sizes, threads) and writes JSON to --json.
 """
@@ -98,6 +100,7 @@ def main():
     p.add_argument("--store-images", type=int, default=100_000)
     p.add_argument("--store-crops", type=int, default=100)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--scaling", action="store_true", help="also measure 1 vs 2 processes under torchrun")
     p.add_argument("--json", default="runs/benchmarks/fkd_pipeline.json")
     args = p.parse_args()
     results = {"args": vars(args), "threads": torch.get_num_threads(), "device": args.device}
@@ -140,6 +143,34 @@ def main():
               f"  bare teacher inference  {bare_rate:8.1f} crops/s\n"
               f"  ratio                   {label_rate / bare_rate:8.3f}   (target >= 0.9)")
 
+        if args.scaling:  # 4. torchrun with 1 and 2 processes, one thread each
+            scaling = {}
+            for procs in (1, 2):
+                out = os.path.join(tmp, f"scale{procs}")
+                run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+                       *command[1:command.index("--labels")], "--labels", os.path.join(out, "labels"), "--out", out,
+                       "--stored-crops", str(args.stored_crops), "--label-batch", str(args.label_batch),
+                       "--workers", "1", "--k", "5", "--device", "cpu"]
+                env = dict(os.environ, OMP_NUM_THREADS="1")
+                done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, check=True, env=env)
+                rate = float(re.search(r"\((\d+) crops/s\)", done.stdout).group(1))
+                train = run[:run.index("--mode") + 1] + ["fkd"] + run[run.index("--mode") + 2:] + [
+                    "--arch", "resnet18", "--input-size", str(args.size), "--batch-size", "32", "--num-crops", "4",
+                    "--epochs", "8"]
+                subprocess.run(train, cwd=ROOT, capture_output=True, text=True, check=True, env=env)
+                with open(os.path.join(out, "metrics.jsonl")) as f:
+                    records = [json.loads(line) for line in f]
+                seconds, crops = sum(r["train_time"] for r in records), sum(r["train_crops"] for r in records)
+                scaling[procs] = {"label_crops_per_s": rate, "train_crops_per_s": crops / seconds}
+            for key in ("label_crops_per_s", "train_crops_per_s"):
+                scaling[f"{key}_efficiency"] = scaling[2][key] / (2 * scaling[1][key])
+            results["scaling"] = scaling
+            print(f"\nscaling under torchrun (gloo, 1 thread per process)\n"
+                  f"  label generation  1 proc {scaling[1]['label_crops_per_s']:7.1f}  2 procs "
+                  f"{scaling[2]['label_crops_per_s']:7.1f} crops/s  efficiency {scaling['label_crops_per_s_efficiency']:.2f}\n"
+                  f"  FKD training      1 proc {scaling[1]['train_crops_per_s']:7.1f}  2 procs "
+                  f"{scaling[2]['train_crops_per_s']:7.1f} crops/s  efficiency {scaling['train_crops_per_s_efficiency']:.2f}")
+
         # 1. loader: num_crops crops per decoded image vs one decoded image per crop
         store = LabelStore.open(labels)
         samples = image_folder(data, "train").samples
@@ -178,14 +209,17 @@ def main():
                 "num_images": args.store_images}
         store = LabelStore.create(os.path.join(tmp, "store"), meta)
         rng = np.random.default_rng(0)
-        arrays = store.arrays
-        for start in range(0, args.store_images, 10_000):  # real bytes, not sparse zeros
-            stop = min(start + 10_000, args.store_images)
-            arrays["indices"][start:stop] = rng.integers(0, 1000, arrays["indices"][start:stop].shape, dtype=np.uint16)
-            arrays["values"][start:stop] = rng.random(arrays["values"][start:stop].shape, dtype=np.float32)
-        for array in arrays.values():
-            if hasattr(array, "flush"):
-                array.flush()
+        for name in ("indices", "values"):  # real bytes, not sparse zeros; filled via a writable map
+            array = np.load(os.path.join(tmp, "store", f"{name}.npy"), mmap_mode="r+")
+            for start in range(0, args.store_images, 10_000):
+                chunk = array[start:start + 10_000]
+                chunk[:] = (rng.integers(0, 1000, chunk.shape) if name == "indices" else rng.random(chunk.shape))
+            array.flush()
+            del array
+        done = np.load(os.path.join(tmp, "store", "done.npy"), mmap_mode="r+")
+        done[:] = 1
+        done.flush()
+        del done
         size_mb = sum(os.path.getsize(os.path.join(tmp, "store", f)) for f in os.listdir(os.path.join(tmp, "store"))) / 2**20
         store = LabelStore.open(os.path.join(tmp, "store"))
         reads = 20_000
