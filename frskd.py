@@ -275,15 +275,16 @@ class FRSKDNet(nn.Module):
         return features, logits, refined, teacher_logits
 
 
-class SelfTeacherOutput(nn.Module):
-    """The self-teacher's logits as a plain classifier (for evaluation)."""
+class BothLogits(nn.Module):
+    """(classifier logits, self-teacher logits) of one forward, for evaluation."""
 
     def __init__(self, net):
         super().__init__()
         self.net = net
 
     def forward(self, x):
-        return self.net(x)[3]
+        _, logits, _, teacher_logits = self.net(x)
+        return logits, teacher_logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,13 +378,14 @@ def train(args, ctx, train_set, val_sets, cfg, out):
                    "train_time": time.time() - epoch_start}
         model = unwrap(net)
         for name, val_loader in val_sets.items():
-            result = evaluate(model.classifier, val_loader, ctx, cfg["mean"], cfg["std"], args.amp, desc=name)
+            if model.self_teacher is None:
+                result = evaluate(model.classifier, val_loader, ctx, cfg["mean"], cfg["std"], args.amp, desc=name)
+            else:  # classifier and self-teacher scored in one pass
+                result, teacher_result = evaluate(BothLogits(model), val_loader, ctx, cfg["mean"], cfg["std"],
+                                                  args.amp, desc=name, heads=2)
+                metrics[f"{name}_self_teacher_top1"] = teacher_result["top1"]
             metrics.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],
                             f"{name}_count": result["count"]})
-            if model.self_teacher is not None:
-                result = evaluate(SelfTeacherOutput(model), val_loader, ctx, cfg["mean"], cfg["std"], args.amp,
-                                  desc=f"{name} self-teacher")
-                metrics[f"{name}_self_teacher_top1"] = result["top1"]
         best = max(best, metrics["val_top1"])
         checkpoint.log.append(metrics)
         ctx.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))

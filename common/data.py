@@ -127,23 +127,28 @@ def eval_loader(dataset, batch_size, workers, ctx, persistent=True):
 
 
 @torch.no_grad()
-def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval"):
-    """Top-1 / top-5 (%) over the whole split, each image counted once across ranks."""
+def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval", heads=1):
+    """Top-1 / top-5 (%) over the whole split, each image counted once across ranks.
+
+    `heads` > 1: the model returns a tuple of that many logits, all scored in the same pass, and
+    the result is a list of dicts, one per head."""
     model.eval()
-    correct1 = correct5 = total = 0
+    counts = torch.zeros(heads, 2, dtype=torch.long)  # per head: top-1 hits, top-5 hits
+    total = 0
     for images, targets in ctx.bar(data_loader, desc=desc):
         images = normalize(images.to(ctx.device, non_blocking=True), mean, std)
         targets = targets.to(ctx.device, non_blocking=True)
         with torch.autocast(ctx.device.type, enabled=amp and ctx.device.type == "cuda"):
-            logits = model(images)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == targets[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
+            outputs = model(images)
+        for head, logits in enumerate(outputs if heads > 1 else (outputs,)):
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+            counts[head, 0] += hits[:, 0].sum().item()
+            counts[head, 1] += hits.any(dim=1).sum().item()
         total += len(targets)
-    correct1, correct5, total = ctx.all_reduce_sum([correct1, correct5, total])
-    return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1),
-            "count": int(total)}
+    *sums, total = ctx.all_reduce_sum(counts.flatten().tolist() + [total])
+    results = [{"top1": 100.0 * sums[2 * h] / max(total, 1), "top5": 100.0 * sums[2 * h + 1] / max(total, 1),
+                "count": int(total)} for h in range(heads)]
+    return results if heads > 1 else results[0]
 
 
 def train_transform(size, scale=(0.08, 1.0), interpolation="bilinear"):

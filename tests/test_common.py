@@ -120,3 +120,25 @@ def test_checkpoint_write_is_atomic_and_out_guard(tmp_path):
         log.append({"epoch": e})
     log.truncate_after(2)
     assert (tmp_path / "metrics.jsonl").read_text().count("epoch") == 2
+
+
+def test_evaluate_scores_every_head_in_one_pass():
+    from common.data import evaluate
+    from common.dist import Context
+    images = torch.zeros(6, 3, 4, 4, dtype=torch.uint8)
+    targets = torch.tensor([0, 1, 2, 0, 1, 2])
+    first = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 0, 0]), 3).float()   # 4 of 6 right
+    second = torch.nn.functional.one_hot(torch.tensor([1, 1, 1, 1, 1, 1]), 3).float()  # 2 of 6 right
+    calls = []
+
+    class TwoHeads(torch.nn.Module):
+        def forward(self, x):
+            calls.append(len(x))
+            rows = slice(sum(calls) - len(x), sum(calls))
+            return first[rows], second[rows]
+
+    data = torch.utils.data.DataLoader(list(zip(images, targets)), batch_size=4)
+    both = evaluate(TwoHeads(), data, Context(), [0.0] * 3, [1.0] * 3, heads=2)
+    assert calls == [4, 2]  # one pass over the data for both heads
+    assert both[0]["top1"] == pytest.approx(400 / 6) and both[1]["top1"] == pytest.approx(200 / 6)
+    assert both[0]["count"] == both[1]["count"] == 6 and both[0]["top5"] == 100.0
