@@ -262,13 +262,7 @@ def train(args, ctx, root, train_set, val_sets, cfg, out):
             metrics.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],
                             f"{name}_count": result["count"]})
         best = max(best, metrics["val_top1"])
-        checkpoint.log.append(metrics)
-        ctx.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-        checkpoint.save(epoch + 1, metrics["val_top1"], best, args, arch=args.arch, num_classes=num_classes,
-                        data_config=cfg)
-        ctx.barrier()
-        if args.stop_epoch is not None and epoch + 1 >= args.stop_epoch:
-            ctx.print(f"stopping after epoch {epoch + 1} (--stop-epoch); continue with --resume auto")
+        if checkpoint.end_epoch(metrics, best, args, arch=args.arch, num_classes=num_classes, data_config=cfg):
             break
     return metrics, best, time.time() - run_start
 

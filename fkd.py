@@ -51,7 +51,8 @@ from common.crops import replay_crops, sample_crops
 from common.data import (DataError, FreshCrops, TaggedSampler, eval_loader, evaluate, image_folder,
                          eval_transform, load_rgb, loader, mix_batch)
 from common.dist import seed_everything, setup, cleanup, unwrap
-from common.labels import CODECS, LabelStore, StoreError, StoredCrops, decode, encode, image_list_hash
+from common.labels import (CODECS, LabelStore, StoreError, StoredCrops, decode, decode_stored_batch, encode,
+                           image_list_hash)
 from common.models import (ModelError, create, ensemble_probs, load_teachers, make_optimizer, normalize,
                            param_groups, teacher_logits)
 
@@ -302,10 +303,8 @@ def targets_for_batch(args, batch, store, teachers, num_classes, device):
     """Images (uint8, flattened to B crops) and soft targets [B, C] for one batch of any mode."""
     if args.mode == "fkd":
         crops, indices, values, labels = batch
-        indices = indices.to(device, non_blocking=True).flatten(0, 1) if indices.numel() else None
-        values = values.to(device, non_blocking=True).flatten(0, 1) if values.numel() else None
         logits_t = args.temperature if store.meta["stores"] == "logits" else None
-        targets = decode(indices, values, store.meta["codec"], num_classes, logits_t)  # Eq. 3-7 decode
+        targets = decode_stored_batch(indices, values, store.meta, device, logits_t)  # Eq. 3-7 decode
     else:
         crops, views, labels = batch
         if args.mode == "online":  # vanilla KD: the teacher runs on this step's crops
@@ -379,13 +378,8 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
             metrics.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],
                             f"{name}_count": result["count"]})
         best = max(best, metrics["val_top1"])
-        checkpoint.log.append(metrics)
-        ctx.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-        checkpoint.save(epoch + covered, metrics["val_top1"], best, args, arch=args.arch,
-                        num_classes=num_classes, data_config=student_cfg)
-        ctx.barrier()
-        if args.stop_epoch is not None and epoch + covered >= args.stop_epoch:
-            ctx.print(f"stopping after epoch {epoch + covered} (--stop-epoch); continue with --resume auto")
+        if checkpoint.end_epoch(metrics, best, args, arch=args.arch, num_classes=num_classes,
+                                data_config=student_cfg):
             break
     return metrics, best, time.time() - run_start
 

@@ -52,7 +52,7 @@ from common import ckpt, demo
 from common.data import DataError, FreshCrops, TaggedSampler, eval_loader, eval_transform, evaluate, image_folder, \
     loader, mix_batch
 from common.dist import cleanup, seed_everything, setup, unwrap
-from common.labels import LabelStore, StoreError, StoredCrops, decode, image_list_hash
+from common.labels import LabelStore, StoreError, StoredCrops, decode_stored_batch, image_list_hash
 from common.models import (ModelError, create, ensemble_probs, load_teachers, make_optimizer, normalize,
                            param_groups, parse_spec, teacher_logits)
 
@@ -146,13 +146,11 @@ def soft_cross_entropy(logits, targets):
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def batch_targets(batch, store, teachers, num_classes, device, amp=False):
+def batch_targets(batch, store, teachers, device, amp=False):
     """One batch of either route -> (student crops uint8 NCHW, ensemble targets p_e, hard labels)."""
     if store is not None:  # Fast MEAL V2: the stored ensemble p_e of the replayed crops
         crops, indices, values, labels = batch
-        targets = decode(indices.to(device).flatten(0, 1) if indices.numel() else None,
-                         values.to(device).flatten(0, 1) if values.numel() else None,
-                         store.meta["codec"], num_classes)
+        targets = decode_stored_batch(indices, values, store.meta, device)
         return crops.flatten(0, 1), targets, labels.repeat_interleave(crops.shape[1])
     crops, views, labels = batch  # online: every teacher on the same crop at its own size
     views = [v.to(device, non_blocking=True).flatten(0, 1) for v in views]
@@ -208,7 +206,7 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, cfg):
         lr, sums, epoch_start = optimizer.param_groups[0]["lr"], np.zeros(5), time.time()
         for batch in ctx.bar(data, desc=f"epoch {epoch + 1}/{args.epochs}"):
             step_start = time.time()
-            crops, targets, labels = batch_targets(batch, store, teachers, num_classes, ctx.device, args.amp)
+            crops, targets, labels = batch_targets(batch, store, teachers, ctx.device, args.amp)
             images = normalize(crops.to(ctx.device, non_blocking=True), cfg["mean"], cfg["std"])
             if args.cutmix > 0:
                 images, targets = mix_batch(images, targets, 0.0, args.cutmix, mix_generator)
@@ -247,13 +245,7 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, cfg):
             metrics.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],
                             f"{name}_count": result["count"]})
         best = max(best, metrics["val_top1"])
-        checkpoint.log.append(metrics)
-        ctx.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-        checkpoint.save(epoch + covered, metrics["val_top1"], best, args, arch=args.arch, num_classes=num_classes,
-                        data_config=cfg)
-        ctx.barrier()
-        if args.stop_epoch is not None and epoch + covered >= args.stop_epoch:
-            ctx.print(f"stopping after epoch {epoch + covered} (--stop-epoch); continue with --resume auto")
+        if checkpoint.end_epoch(metrics, best, args, arch=args.arch, num_classes=num_classes, data_config=cfg):
             break
     return metrics, best, time.time() - run_start
 

@@ -125,6 +125,19 @@ class Checkpointer:
         self.ctx.print(f"resumed {self.resume_path} at epoch {state['epoch']}")
         return state["epoch"], state["best_top1"]
 
+    def end_epoch(self, metrics, best, args, **meta):
+        """Append the epoch's metrics to the log and print them, checkpoint, wait for all ranks.
+        Returns True when --stop-epoch says to stop here."""
+        epoch = metrics["epoch"]
+        self.log.append(metrics)
+        self.ctx.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+        self.save(epoch, metrics["val_top1"], best, args, **meta)
+        self.ctx.barrier()
+        stop = args.stop_epoch is not None and epoch >= args.stop_epoch
+        if stop:
+            self.ctx.print(f"stopping after epoch {epoch} (--stop-epoch); continue with --resume auto")
+        return stop
+
     def save(self, epoch, top1, best, args, **meta):
         """Write last.pth (and best.pth when top1 reaches best) on rank 0, atomically."""
         if not self.ctx.main:

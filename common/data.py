@@ -133,8 +133,7 @@ def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval", heads=1
     `heads` > 1: the model returns a tuple of that many logits, all scored in the same pass, and
     the result is a list of dicts, one per head."""
     model.eval()
-    counts = torch.zeros(heads, 2, dtype=torch.long)  # per head: top-1 hits, top-5 hits
-    total = 0
+    top1_hits, top5_hits, total = [0] * heads, [0] * heads, 0
     for images, targets in ctx.bar(data_loader, desc=desc):
         images = normalize(images.to(ctx.device, non_blocking=True), mean, std)
         targets = targets.to(ctx.device, non_blocking=True)
@@ -142,11 +141,11 @@ def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval", heads=1
             outputs = model(images)
         for head, logits in enumerate(outputs if heads > 1 else (outputs,)):
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
-            counts[head, 0] += hits[:, 0].sum().item()
-            counts[head, 1] += hits.any(dim=1).sum().item()
+            top1_hits[head] += hits[:, 0].sum().item()
+            top5_hits[head] += hits.any(dim=1).sum().item()
         total += len(targets)
-    *sums, total = ctx.all_reduce_sum(counts.flatten().tolist() + [total])
-    results = [{"top1": 100.0 * sums[2 * h] / max(total, 1), "top5": 100.0 * sums[2 * h + 1] / max(total, 1),
+    *sums, total = ctx.all_reduce_sum(top1_hits + top5_hits + [total])
+    results = [{"top1": 100.0 * sums[h] / max(total, 1), "top5": 100.0 * sums[heads + h] / max(total, 1),
                 "count": int(total)} for h in range(heads)]
     return results if heads > 1 else results[0]
 
