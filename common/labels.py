@@ -292,6 +292,14 @@ def crop_schedule(seed, image_index, stored, start, count):
     return out
 
 
+def decode_stored_batch(indices, values, meta, device, logits_temperature=None):
+    """Dense soft labels [B * m, C] on `device` for a collated StoredCrops batch ([B, m, ...] rows;
+    an empty tensor stands for an array the codec does not store)."""
+    indices = indices.to(device, non_blocking=True).flatten(0, 1) if indices.numel() else None
+    values = values.to(device, non_blocking=True).flatten(0, 1) if values.numel() else None
+    return decode(indices, values, meta["codec"], meta["num_classes"], logits_temperature)
+
+
 class StoredCrops(Dataset):
     """Item (image n, stream position) -> m stored crops replayed at the student's size + label rows."""
 

@@ -172,7 +172,7 @@ def test_labels_route_targets_are_the_decoded_stored_ensemble(ensemble_store, ti
     dataset = StoredCrops(train.samples, store, 2, 32, "bilinear", seed=0)
     items = [dataset[(n, 2)] for n in (1, 10)]
     batch = torch.utils.data.default_collate(items)
-    crops, targets, labels = meal_v2.batch_targets(batch, store, [], 3, torch.device("cpu"))
+    crops, targets, labels = meal_v2.batch_targets(batch, store, [], torch.device("cpu"))
     assert crops.shape == (4, 3, 32, 32) and labels.tolist() == [train.samples[1][1]] * 2 + [train.samples[10][1]] * 2
     teachers = load_teachers(two_teachers, 3, torch.device("cpu"))
     for row, n in enumerate((1, 10)):
