@@ -6,6 +6,7 @@ normalized on the training device.
 """
 import math
 import os
+import random
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from torchvision.transforms import InterpolationMode
 from timm.data.mixup import cutmix_bbox_and_lam
 
 from .crops import replay_crops, sample_crops
+from .dist import derive_seed
 from .models import normalize
 
 
@@ -109,6 +111,37 @@ class TaggedSampler(Sampler):
 
     def __len__(self):
         return len(self.sampler)
+
+
+class SeededItems(Dataset):
+    """Item (index, epoch) -> dataset[index] with torch's and python's RNGs seeded from
+    (seed, rank, epoch, index) for that one call, the caller's streams left untouched.
+
+    For datasets with random torchvision transforms: an image's augmentation then depends on
+    (seed, rank, epoch, index) alone, never on worker count, persistent workers or a resume, so a
+    resumed run sees the same crops as an uninterrupted one, and two ranks never draw the same
+    stream. Use it with TaggedSampler and `set_epoch(epoch, tag=epoch)`.
+    """
+
+    def __init__(self, dataset, seed, rank=0):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        if not isinstance(item, tuple):
+            raise TypeError("SeededItems takes (index, epoch) items: wrap the sampler in TaggedSampler")
+        index, epoch = item
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            seed = derive_seed(self.seed, self.rank, epoch, index)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(state)
 
 
 def loader(dataset, batch_size, workers, sampler=None, device=None, drop_last=False, persistent=True):

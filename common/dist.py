@@ -2,6 +2,7 @@
 
 Rank 0 alone prints, shows tqdm bars, writes logs and checkpoints.
 """
+import contextlib
 import datetime
 import os
 import random
@@ -92,6 +93,38 @@ def seed_everything(seed, rank=0):
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + rank)
+
+
+# One rule for randomness in every script: everything random in a run derives from
+# (seed, rank, epoch[, item]), never from what ran before. Then every rank has its own stream
+# (dropout, drop-path, mixup/cutmix, loader worker seeds), and a run resumed at an epoch boundary
+# draws exactly the numbers the uninterrupted run drew, with no RNG state in the checkpoint.
+def derive_seed(*keys):
+    """A 32-bit seed from integer keys (numpy SeedSequence: well mixed, no collisions of a+b)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def seed_rank_epoch(seed, rank, epoch):
+    """Seed python, numpy and torch (all devices) from (seed, rank, epoch); call at each epoch start."""
+    value = derive_seed(seed, rank, epoch)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def epoch_generator(seed, rank, epoch, stream=0):
+    """A torch.Generator of its own for (seed, rank, epoch, stream), e.g. mixup/cutmix draws."""
+    return torch.Generator().manual_seed(derive_seed(seed, rank, epoch, stream))
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Run a block with torch's CPU RNG seeded by `seed` alone and restore the caller's stream after:
+    a model's initial weights depend on the seed only (the same on every rank), and the rank's own
+    stream is not reset by building it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def unwrap(model):
