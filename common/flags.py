@@ -1,0 +1,46 @@
+"""argparse types that validate a flag's value when it is parsed, before any work starts.
+
+Used as `p.add_argument("--lr", type=flags.positive_float)`: a bad value stops the run with one
+sentence naming the flag, the value and what is expected ("argument --lr: must be a finite number
+> 0, got 'nan'"), and a derived value is never blamed for a flag the user did not pass. NaN and inf
+are refused everywhere (a plain `x <= 0` check lets NaN through).
+"""
+import argparse
+import math
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+def _number(cast, what, low=None, high=None, low_open=False, high_open=False):
+    def parse(text):
+        try:
+            value = cast(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        if high is not None and (value > high or (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, "an integer >= 1", low=1)
+nonneg_int = _number(int, "an integer >= 0", low=0)
+any_int = _number(int, "an integer")
+positive_float = _number(float, "a finite number > 0", low=0.0, low_open=True)
+nonneg_float = _number(float, "a finite number >= 0", low=0.0)
+finite_float = _number(float, "a finite number")
+fraction = _number(float, "a number in [0, 1]", low=0.0, high=1.0)
+open_fraction = _number(float, "a number in (0, 1]", low=0.0, high=1.0, low_open=True)
+fraction_below_one = _number(float, "a number in [0, 1)", low=0.0, high=1.0, high_open=True)
+
+
+def interpolation(text):
+    """A PIL/torchvision interpolation name."""
+    if text not in INTERPOLATIONS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(INTERPOLATIONS)}, got {text!r}")
+    return text
