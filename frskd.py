@@ -43,7 +43,7 @@ from common import ckpt, demo
 from common.data import (DataError, eval_loader, eval_transform, evaluate, image_folder, loader, mix_batch,
                          train_transform)
 from common.dist import cleanup, seed_everything, setup, unwrap
-from common.models import ModelError, create, make_optimizer, normalize, param_groups
+from common.models import ModelError, cifar_stem, create, make_optimizer, normalize, param_groups
 
 RECIPES = {  # Implementation details of the paper; the demo is a laptop-sized CIFAR-like run
     "imagenet": dict(arch="resnet18", epochs=90, batch_size=256, milestones=[30, 60], alpha=1.0, beta=200.0,
@@ -164,7 +164,7 @@ def make_classifier(arch, num_classes):
     if arch == "wrn16_2":
         return WideResNet(num_classes, 16, 2)
     if arch.startswith("cifar_"):  # CIFAR ResNet: 3x3 stride-1 stem, no max-pool
-        return TimmStages(create(arch[len("cifar_"):], num_classes, pretrained_head="none", cifar=True)[0])
+        return TimmStages(create(arch[len("cifar_"):], num_classes, pretrained_head="none", adapt=cifar_stem)[0])
     return TimmStages(create(arch, num_classes, pretrained_head="none")[0])
 
 

@@ -68,12 +68,14 @@ def cifar_stem(model):
     return model
 
 
-def create(spec, num_classes, pretrained_head="keep", cifar=False, **kwargs):
+def create(spec, num_classes, pretrained_head="keep", adapt=None, **kwargs):
     """Build a timm model from a spec and load its weights.
 
     pretrained_head: "keep" - the weights must already predict `num_classes` (teachers);
                      "reset" - a new classifier for `num_classes` if the counts differ (students);
                      "none"  - random init, `spec` must not name weights.
+    adapt: optional callable model -> model applied right after creation, before weights are
+           loaded (e.g. frskd.py's CIFAR stem), so a local file saved from the adapted model fits.
     Returns (model, extra) where extra = {"data_config": ..., "sha256": ..., "source": ...}.
     """
     name, path = parse_spec(spec)
@@ -99,8 +101,8 @@ def create(spec, num_classes, pretrained_head="keep", cifar=False, **kwargs):
             head_key = f"{probe.pretrained_cfg.get('classifier', 'fc')}.weight"
             file_classes = state[head_key].shape[0] if head_key in state else num_classes
             model = timm.create_model(name, num_classes=file_classes, **kwargs)
-            if cifar:
-                cifar_stem(model)
+            if adapt is not None:
+                model = adapt(model)
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise ModelError(f"weights {path} do not fit architecture {name} "
@@ -110,8 +112,8 @@ def create(spec, num_classes, pretrained_head="keep", cifar=False, **kwargs):
         first = str(error).split("\n\t")[1] if "\n\t" in str(error) else str(error)
         raise ModelError(f"weights {path} do not fit architecture {name} ({first.strip()}); "
                          f"pass the architecture the weights were trained with") from None
-    if cifar and pretrained_head == "none":
-        cifar_stem(model)
+    if adapt is not None and (pretrained_head == "none" or path is None):
+        model = adapt(model)
     if model.num_classes != num_classes:
         if pretrained_head == "reset":
             model.reset_classifier(num_classes)
