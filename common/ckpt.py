@@ -1,34 +1,198 @@
-"""Atomic checkpoints, resume, and the per-epoch metrics log (JSON lines)."""
+"""Output folders, atomic checkpoints, resume, and the per-epoch metrics log (JSON lines).
+
+The rules every script follows:
+- OUT: `--out` if given; otherwise a fresh `runs/<method>_<data>_<mode>/YYYYmmdd-HHMMSS` per run
+  (`resolve_out`), and `--resume auto` continues the newest run under that base.
+- One run per OUT at a time: rank 0 holds an advisory lock (fcntl.flock on OUT/.lock) for the
+  whole run; a second run on the same OUT is refused, naming the pid that holds it.
+- An explicit OUT that already holds a checkpoint is never overwritten without `--overwrite`.
+- Resume continues the same run: every training flag must equal the checkpoint's; only the
+  flags in RESUMABLE_FLAGS (where and how fast it runs, never what it computes) may change.
+- Checkpoints hold no RNG state: every random draw derives from (seed, rank, epoch[, item])
+  (see common/dist.py), so resuming at an epoch boundary replays the uninterrupted run.
+- Checkpoints are written to a temporary file, fsynced and renamed: a kill or a full disk
+  leaves the previous last.pth intact.
+"""
+import datetime
+import errno
+import fcntl
 import json
 import math
 import os
+import re
+import sys
 
 import torch
 
 from .models import ModelError, read_checkpoint
 
+INTERRUPTED = ("interrupted; run the same command with --resume auto to continue from the last "
+               "completed epoch")
 
+# Flags that may differ between a run and its resume: where and how fast it runs, not what it
+# computes (AMP and torch.compile change speed and rounding only, so a run saved without --amp
+# may continue with it). Every other flag must equal the checkpoint's.
+RESUMABLE_FLAGS = frozenset({
+    "workers", "device", "stop_epoch", "resume", "overwrite", "out", "val_data", "eval_only",
+    "amp", "amp_dtype", "compile", "label_batch", "flush_every", "show_images",
+})
+# Locations that may move between a run and its resume (the label store is checked by content).
+MOVABLE_FLAGS = frozenset({"labels"})
+
+RUN_NAME = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")
+
+
+class CheckpointError(ModelError):
+    """A checkpoint or log that cannot be written or does not fit this run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing files without losing the previous version
+# ---------------------------------------------------------------------------------------------
 def save_atomic(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a kill never leaves a half-written file."""
+    """torch.save to a temporary file, fsync, then rename: a kill never leaves a half-written
+    file, and a failed write (full disk, quota) leaves no temporary file and the old file intact."""
+    path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports ENOSPC as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointError(write_error(path, error)) from None
 
 
-def rng_state(device):
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def write_error(path, error):
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else \
+        str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was lost"
+    return (f"cannot write {path} ({reason}); {kept}; free disk space (or fix quota/permissions) and "
+            f"run the same command with --resume auto to continue")
 
 
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+# ---------------------------------------------------------------------------------------------
+# The output folder: choose it, check it, lock it
+# ---------------------------------------------------------------------------------------------
+def make_out_folder(out):
+    """Create OUT (and parents) or say in one sentence why it cannot be used."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"--out {out} is a file, not a folder; pass a folder path")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot create output folder {out} ({error.strerror or error}); "
+                              f"pass a writable --out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CheckpointError(f"output folder {out} is not writable; pass a writable --out")
+
+
+_held_locks = {}  # realpath -> open lock file, kept for the life of the process
+
+
+def lock_out(out):
+    """Hold an exclusive advisory lock on OUT/.lock until the process ends (re-entrant within
+    one process). Another process holding it: CheckpointError naming OUT and its pid. A
+    filesystem without working locks: a warning (returned), the run goes on."""
+    key = os.path.realpath(out)
+    if key in _held_locks:
+        return None
+    path = os.path.join(out, ".lock")
+    try:
+        handle = open(path, "a+")
+    except OSError as error:
+        raise CheckpointError(f"cannot write in output folder {out} ({error.strerror or error}); "
+                              f"pass a writable --out") from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise CheckpointError(f"{out} is in use by another run{who}; wait for it to end, or "
+                                  f"pass another --out") from None
+        handle.close()
+        return (f"note: cannot lock {out} on this filesystem ({error.strerror}); make sure no other "
+                f"run uses the same --out")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held_locks[key] = handle
+    return None
+
+
+def release_out(out):
+    """Release this process's lock on OUT (it is released at exit anyway)."""
+    handle = _held_locks.pop(os.path.realpath(out), None)
+    if handle is not None:
+        handle.close()  # closing the last descriptor releases the flock
+
+
+def _run_key(name):
+    match = RUN_NAME.fullmatch(name)
+    return (match.group(1), int(match.group(2) or 0)) if match else None
+
+
+def newest_run(base):
+    """The newest run folder (YYYYmmdd-HHMMSS[-N]) under base, or None."""
+    if not os.path.isdir(base):
+        return None
+    runs = [(key, name) for name in os.listdir(base)
+            if (key := _run_key(name)) and os.path.isdir(os.path.join(base, name))]
+    return os.path.join(base, max(runs)[1]) if runs else None
+
+
+def fresh_run(base, now=None):
+    """Create and return base/YYYYmmdd-HHMMSS (base/YYYYmmdd-HHMMSS-2, ... when taken)."""
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    make_out_folder(base)
+    for attempt in range(1, 1000):
+        path = os.path.join(base, stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            os.mkdir(path)  # atomic: two runs started in the same second get different folders
+            return path
+        except FileExistsError:
+            continue
+    raise CheckpointError(f"cannot find a free run folder under {base}; pass --out")
+
+
+def resolve_out(out, base, ctx, resume=None):
+    """The run's output folder, created and locked (rank 0 decides; every rank gets the answer).
+
+    `out` given: used as is (starting over a run there is refused later without --overwrite).
+    Otherwise `--resume auto` continues the newest run under `base`, `--resume PATH` writes next
+    to PATH, and a plain start gets a fresh `base/YYYYmmdd-HHMMSS`, so every command can be run
+    again without clashing with earlier runs.
+    """
+    path, error, note = None, None, None
+    if ctx.main:
+        try:
+            if out:
+                path = out
+            elif resume == "auto":
+                path = newest_run(base) or fresh_run(base)
+            elif resume:
+                path = resume if os.path.isdir(resume) else (os.path.dirname(resume) or ".")
+            else:
+                path = fresh_run(base)
+            make_out_folder(path)
+            note = lock_out(path)
+        except CheckpointError as exc:
+            error = str(exc)
+    path, error, note = ctx.broadcast_object((path, error, note))
+    if error:
+        raise CheckpointError(error)
+    if note:
+        ctx.print(note)
+    if not out:
+        ctx.print(f"output folder: {path}")
+    return path
 
 
 def prepare_out(out, resume, overwrite):
@@ -36,18 +200,20 @@ def prepare_out(out, resume, overwrite):
 
     Returns the checkpoint to resume from (or None).
     """
-    os.makedirs(out, exist_ok=True)
+    if resume and overwrite:
+        raise CheckpointError("--resume continues a run and --overwrite starts it over; pass only one")
+    make_out_folder(out)
     last = os.path.join(out, "last.pth")
     if resume:
         path = last if resume == "auto" else resume
-        if not os.path.isfile(path):
-            if resume == "auto":
-                return None
-            raise ModelError(f"--resume {path}: no such checkpoint; drop --resume to start fresh")
+        if resume == "auto" and not os.path.exists(path):
+            return None
+        if not os.path.exists(path):
+            raise CheckpointError(f"--resume {path}: no such checkpoint; drop --resume to start fresh")
         return path
     if os.path.exists(last) and not overwrite:
-        raise ModelError(f"{out} already holds a run's checkpoint (last.pth); pass --resume auto "
-                         f"to continue it, --overwrite to start over, or another --out")
+        raise CheckpointError(f"{out} already holds a run's checkpoint (last.pth); pass --resume auto "
+                              f"to continue it, --overwrite to start over, or another --out")
     if overwrite:
         for name in ("metrics.jsonl",):
             if os.path.exists(os.path.join(out, name)):
@@ -55,14 +221,93 @@ def prepare_out(out, resume, overwrite):
     return None
 
 
+# ---------------------------------------------------------------------------------------------
+# Resume: what may change, and checkpoints of other scripts or architectures
+# ---------------------------------------------------------------------------------------------
 def load_resume(path):
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "epoch" not in checkpoint:
-        raise ModelError(f"{path} is not a training checkpoint of this project; "
-                         f"pass a last.pth written by the same script")
+        raise CheckpointError(f"{path} is not a training checkpoint of this project; "
+                              f"pass a last.pth written by the same script")
     return checkpoint
 
 
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _shown(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value) or "(none)"
+    return "(none)" if value is None else str(value)
+
+
+def _same(old, new):
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return len(old) == len(new) and all(_same(a, b) for a, b in zip(old, new))
+    if isinstance(old, str) and isinstance(new, str) and old != new and os.path.exists(new):
+        return os.path.realpath(old) == os.path.realpath(new)  # the same path spelled differently
+    if isinstance(old, float) or isinstance(new, float):
+        try:
+            return float(old) == float(new)
+        except (TypeError, ValueError):
+            return False
+    return old == new
+
+
+def changed_flags(saved, current):
+    """[(name, saved value, current value)] for training flags that differ (order of `current`)."""
+    changed = []
+    for name, value in current.items():
+        if name in RESUMABLE_FLAGS or name not in saved:
+            continue
+        if name in MOVABLE_FLAGS and saved[name] is not None and value is not None:
+            continue
+        if not _same(saved[name], value):
+            changed.append((name, saved[name], value))
+    return changed
+
+
+def check_resume(checkpoint, path, args, script):
+    """Refuse a resume that would not continue the same run, in one sentence."""
+    saved_script = checkpoint.get("script")
+    if saved_script and script and saved_script != script:
+        raise CheckpointError(f"--resume {path} is a checkpoint of {saved_script}, not of {script}; "
+                              f"pass a last.pth written by {script}, or drop --resume")
+    saved = checkpoint.get("args")
+    if args is None or not isinstance(saved, dict):
+        return  # checkpoints written before flags were recorded
+    changed = changed_flags(saved, vars(args))
+    if changed:
+        name, old, new = changed[0]
+        also = f" (also {', '.join(_flag(n) for n, _, _ in changed[1:])})" if len(changed) > 1 else ""
+        raise CheckpointError(f"{_flag(name)} {_shown(new)} differs from the checkpoint's {_shown(old)}{also}: "
+                              f"resume with the checkpoint's flags, or start a new run (another --out, "
+                              f"or --overwrite)")
+
+
+def load_into(obj, state, name, path):
+    """Load one saved state into a model/optimizer/scheduler/scaler/generator, one-sentence errors."""
+    if isinstance(obj, torch.Generator):
+        obj.set_state(state)
+        return
+    if isinstance(obj, torch.amp.GradScaler) and not state:
+        return  # saved without --amp (a disabled scaler saves {}): this run's scaler starts fresh
+    try:
+        obj.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if len(first) > 160:
+            first = first[:157] + "..."
+        raise CheckpointError(f"--resume {path} does not fit this run's {name} ({first}); pass a "
+                              f"checkpoint written by the same script with the same --arch") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The metrics log
+# ---------------------------------------------------------------------------------------------
 def check_finite(loss, epoch, out):
     if not math.isfinite(loss):
         last = os.path.join(out, "last.pth")
@@ -80,33 +325,68 @@ class MetricsLog:
 
     def append(self, record):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as error:
+                raise CheckpointError(write_error(self.path, error)) from None
 
     def truncate_after(self, epoch):
-        """On resume, drop records written after the checkpoint's epoch (a killed run's tail)."""
+        """On resume, drop records written after the checkpoint's epoch (a killed run's tail,
+        including a half-written last line)."""
         if not (self.enabled and os.path.exists(self.path)):
             return
+        keep = []
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
+                    keep.append(json.dumps(record) + "\n")
         with open(self.path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(self.path + ".tmp", self.path)
 
 
+# ---------------------------------------------------------------------------------------------
+# The checkpointer of a training run
+# ---------------------------------------------------------------------------------------------
 class Checkpointer:
     """Saves and restores everything a resumed run needs.
 
     `objects` maps names to things with state_dict()/load_state_dict() (model, optimizers,
     schedulers, GradScaler) or torch.Generator (get_state/set_state). OUT/last.pth holds all of it
-    plus RNG state, epoch and best metric; OUT/best.pth holds the model alone (+ its data config),
-    loadable as `ARCH=OUT/best.pth` by any script here.
+    plus epoch, best metric, the flags (`args`) and the script's name; OUT/best.pth holds the
+    model alone (+ its data config), loadable as `ARCH=OUT/best.pth` by any script here.
+
+    Constructing it locks OUT (rank 0, for the life of the process), refuses to start over a
+    run's checkpoint without --overwrite, and checks a resume against the flags (see
+    RESUMABLE_FLAGS): errors are raised on every rank, so no rank waits for another.
     """
 
-    def __init__(self, out, ctx, resume=None, overwrite=False, **objects):
-        self.out, self.ctx, self.objects = out, ctx, objects
-        path = prepare_out(out, resume, overwrite) if ctx.main else None
-        self.resume_path = ctx.broadcast_object(path)
+    def __init__(self, out, ctx, resume=None, overwrite=False, args=None, **objects):
+        self.out, self.ctx, self.args, self.objects = out, ctx, args, objects
+        self.script = os.path.basename(sys._getframe(1).f_code.co_filename)  # the calling method file
+        self._state = None
+        path, error, note = None, None, None
+        if ctx.main:
+            try:
+                make_out_folder(out)
+                note = lock_out(out)
+                path = prepare_out(out, resume, overwrite)
+                if path:
+                    self._state = load_resume(path)
+                    check_resume(self._state, path, args, self.script)
+            except ModelError as exc:  # also CheckpointError and read_checkpoint's errors
+                error = str(exc)
+        path, error, note = ctx.broadcast_object((path, error, note))
+        if error:
+            raise CheckpointError(error)
+        if note:
+            ctx.print(note)
+        self.resume_path = path
         self.log = MetricsLog(out, ctx.main)
 
     def restore(self):
@@ -114,13 +394,18 @@ class Checkpointer:
         if not self.resume_path:  # a fresh start (also after --overwrite, or a run killed before its first save)
             self.log.truncate_after(0)
             return 0, 0.0
-        state = load_resume(self.resume_path)
+        # every rank reads the checkpoint itself: on several nodes OUT must be on a shared filesystem
+        missing = self.ctx.all_reduce_sum([0.0 if os.path.isfile(self.resume_path) else 1.0])[0]
+        if missing:
+            raise CheckpointError(f"{self.resume_path} is missing on {int(missing)} of {self.ctx.world} "
+                                  f"processes: --out must be on a filesystem shared by all nodes")
+        state = self._state if self._state is not None else load_resume(self.resume_path)
+        self._state = None
         for name, obj in self.objects.items():
-            if isinstance(obj, torch.Generator):
-                obj.set_state(state[name])
-            else:
-                obj.load_state_dict(state[name])
-        set_rng_state(state["rng"], self.ctx.device)
+            if name not in state:
+                raise CheckpointError(f"--resume {self.resume_path} holds no {name} state; pass a "
+                                      f"last.pth written by the same script")
+            load_into(obj, state[name], name, self.resume_path)
         self.log.truncate_after(state["epoch"])
         self.ctx.print(f"resumed {self.resume_path} at epoch {state['epoch']}")
         return state["epoch"], state["best_top1"]
@@ -144,7 +429,7 @@ class Checkpointer:
             return
         state = {name: (obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict())
                  for name, obj in self.objects.items()}
-        state.update(rng=rng_state(self.ctx.device), epoch=epoch, best_top1=best, args=vars(args), **meta)
+        state.update(epoch=epoch, best_top1=best, args=vars(args), script=self.script, **meta)
         save_atomic(state, os.path.join(self.out, "last.pth"))
         if top1 >= best:
             save_atomic({"model": state["model"], "epoch": epoch, **meta}, os.path.join(self.out, "best.pth"))

@@ -14,7 +14,6 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
-from timm.data.mixup import cutmix_bbox_and_lam
 
 from .crops import replay_crops, sample_crops
 from .dist import derive_seed
@@ -44,10 +43,31 @@ def load_rgb(path):
         raise DataError(f"cannot read image {path} ({error}); remove or replace the file") from None
 
 
+def check_symlinks(folder):
+    """Refuse directory symlinks that make ImageFolder (which follows them) read images twice: a
+    link to a folder that contains it (a loop, e.g. `class/up -> ..`) or to a folder the walk
+    reaches anyway. Symlinked class folders pointing elsewhere (a common way to assemble a data
+    set) are fine."""
+    seen = {os.path.realpath(folder): folder}  # real folder -> the path that reached it first
+    for current, dirs, _ in os.walk(folder, followlinks=True):
+        real_current = os.path.realpath(current)
+        for name in dirs:
+            path = os.path.join(current, name)
+            target = os.path.realpath(path)
+            if os.path.islink(path) and (target == real_current or real_current.startswith(target + os.sep)):
+                raise DataError(f"{path} is a symlink to {target}, a folder that contains it: a loop "
+                                f"that would read the same images again and again; remove the symlink")
+            if target in seen:
+                raise DataError(f"{path} and {seen[target]} are the same folder {target} (through a "
+                                f"symlink), so its images would count twice; remove the symlink")
+            seen[target] = path
+
+
 def image_folder(root, split, transform=None, classes=None):
     """torchvision ImageFolder of root/split with RGB loading and one-sentence errors.
 
     `classes`: the training classes; the split must hold exactly these class folders.
+    A training split (no `classes`) needs at least two classes.
     """
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
@@ -56,11 +76,15 @@ def image_folder(root, split, transform=None, classes=None):
     found = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     if not found:
         raise DataError(f"{folder} has no class folders; put each class's images in {folder}/<class>/")
+    if classes is None and len(found) < 2:
+        raise DataError(f"{folder} has a single class folder ({found[0]}); classification needs at "
+                        f"least two classes, each in its own folder")
     if classes is not None and found != list(classes):
         missing = sorted(set(classes) - set(found))
         extra = sorted(set(found) - set(classes))
         raise DataError(f"class folders of {folder} differ from train's (missing {missing[:5]}, "
                         f"extra {extra[:5]}); both splits need the same class folders")
+    check_symlinks(folder)
     try:
         return datasets.ImageFolder(folder, transform=transform, loader=load_rgb)
     except FileNotFoundError as error:
@@ -164,20 +188,25 @@ def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval", heads=1
     """Top-1 / top-5 (%) over the whole split, each image counted once across ranks.
 
     `heads` > 1: the model returns a tuple of that many logits, all scored in the same pass, and
-    the result is a list of dicts, one per head."""
+    the result is a list of dicts, one per head. Hit counts stay on the device and are read
+    once at the end (no GPU-to-CPU sync per batch). `amp`: True/False, or the run's args (then
+    --amp-dtype applies too)."""
     model.eval()
-    top1_hits, top5_hits, total = [0] * heads, [0] * heads, 0
+    hits_sum = torch.zeros(2 * heads, dtype=torch.int64, device=ctx.device)  # top-1 per head, then top-5
+    total = 0
+    autocast = ctx.autocast(amp) if not isinstance(amp, bool) else \
+        torch.autocast(ctx.device.type, enabled=amp and ctx.device.type == "cuda")
     for images, targets in ctx.bar(data_loader, desc=desc):
         images = normalize(images.to(ctx.device, non_blocking=True), mean, std)
         targets = targets.to(ctx.device, non_blocking=True)
-        with torch.autocast(ctx.device.type, enabled=amp and ctx.device.type == "cuda"):
+        with autocast:
             outputs = model(images)
         for head, logits in enumerate(outputs if heads > 1 else (outputs,)):
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
-            top1_hits[head] += hits[:, 0].sum().item()
-            top5_hits[head] += hits.any(dim=1).sum().item()
+            hits_sum[head] += hits[:, 0].sum()
+            hits_sum[heads + head] += hits.any(dim=1).sum()
         total += len(targets)
-    *sums, total = ctx.all_reduce_sum(top1_hits + top5_hits + [total])
+    *sums, total = ctx.all_reduce_sum(hits_sum.tolist() + [total])
     results = [{"top1": 100.0 * sums[h] / max(total, 1), "top5": 100.0 * sums[heads + h] / max(total, 1),
                 "count": int(total)} for h in range(heads)]
     return results if heads > 1 else results[0]
@@ -192,15 +221,29 @@ def train_transform(size, scale=(0.08, 1.0), interpolation="bilinear"):
     ])
 
 
+def cutmix_box(height, width, lam, rng):
+    """CutMix's box (timm's rand_bbox semantics): a box of side sqrt(1 - lam) x the image side,
+    centred uniformly at random, clipped to the image; and lambda corrected to 1 - its area.
+    `rng` is a numpy Generator (no global RNG)."""
+    ratio = math.sqrt(1 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+    y0, y1 = min(max(cy - cut_h // 2, 0), height), min(max(cy + (cut_h + 1) // 2, 0), height)
+    x0, x1 = min(max(cx - cut_w // 2, 0), width), min(max(cx + (cut_w + 1) // 2, 0), width)
+    return (y0, y1, x0, x1), 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+
+
 def mix_batch(images, targets, mixup_alpha, cutmix_alpha, generator):
     """Mixup or cutmix (chosen 50/50 when both are on) on inputs and soft labels with the same
-    lambda; cutmix's lambda is corrected to the pasted area (timm's box helper)."""
+    lambda; cutmix's lambda is corrected to the pasted area. Every draw (the choice, lambda, the
+    pairing and the box) comes from `generator`, so the same generator state gives the same mix."""
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(1, generator=generator).item() < 0.5)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 1.0
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 1.0
     perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
     if use_cutmix:
-        (y0, y1, x0, x1), lam = cutmix_bbox_and_lam(images.shape, lam, correct_lam=True)
+        (y0, y1, x0, x1), lam = cutmix_box(images.shape[-2], images.shape[-1], lam, rng)
         images = images.clone()
         images[:, :, y0:y1, x0:x1] = images[perm][:, :, y0:y1, x0:x1]
     else:

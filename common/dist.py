@@ -1,12 +1,16 @@
 """Run the same file under `python` and under `torchrun`: NCCL on CUDA, gloo on CPU.
 
-Rank 0 alone prints, shows tqdm bars, writes logs and checkpoints.
+Rank 0 alone prints, shows progress (a tqdm bar on a terminal, plain periodic lines in a log
+file), writes logs and checkpoints. Mixed precision (`--amp`, `--amp-dtype`) and `--compile`
+are set up here the same way for every script.
 """
 import contextlib
 import datetime
+import math
 import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
@@ -34,8 +38,20 @@ class Context:
             sys.stdout.flush()
 
     def bar(self, iterable=None, **kwargs):
-        """A tqdm bar on rank 0, a plain iterable elsewhere."""
+        """Progress on rank 0: a tqdm bar when stdout is a terminal, plain lines with rate and ETA
+        (at most every 30 s or 5 %) when it is a file (SLURM logs); nothing on other ranks."""
+        if self.main and not _is_terminal(sys.stdout):
+            return PlainProgress(iterable, write=self.print, **kwargs)
         return tqdm(iterable, disable=not self.main, dynamic_ncols=True, leave=False, **kwargs)
+
+    def autocast(self, args):
+        """torch.autocast for the forward pass: on iff --amp and CUDA, dtype from --amp-dtype."""
+        return torch.autocast(self.device.type, dtype=getattr(torch, amp_dtype(args)),
+                              enabled=amp_enabled(args, self.device))
+
+    def grad_scaler(self, args):
+        """A GradScaler that scales only float16 AMP on CUDA (bfloat16 has fp32's range: no scaler)."""
+        return torch.amp.GradScaler("cuda", enabled=scaler_enabled(args, self.device))
 
     def barrier(self):
         if self.distributed:
@@ -59,6 +75,91 @@ class Context:
         return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def amp_dtype(args):
+    return getattr(args, "amp_dtype", None) or "float16"
+
+
+def amp_enabled(args, device):
+    return bool(getattr(args, "amp", False)) and device.type == "cuda"
+
+
+def scaler_enabled(args, device):
+    return amp_enabled(args, device) and amp_dtype(args) == "float16"
+
+
+def maybe_compile(model, args):
+    """torch.compile(model) when --compile was given; the model unchanged otherwise."""
+    return torch.compile(model) if getattr(args, "compile", False) else model
+
+
+def _is_terminal(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+class PlainProgress:
+    """tqdm's interface (iterate, update, context manager) printing plain lines for log files:
+    "epoch 3/90: 1200/5004 (24%), 13.1 it/s, 1m32s elapsed, ETA 4m50s", at most one line every
+    `interval` seconds, or sooner after each further `step` fraction of the total (not sooner
+    than `min_gap` seconds)."""
+
+    def __init__(self, iterable=None, desc="", total=None, unit="it", write=print, interval=30.0,
+                 step=0.05, min_gap=2.0, clock=time.monotonic, **_tqdm_only_kwargs):
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.iterable, self.desc, self.total, self.unit, self.write = iterable, desc, total, unit, write
+        self.interval, self.step, self.min_gap, self.clock = interval, step, min_gap, clock
+        self.n, self.start = 0, clock()
+        self.last_time, self.last_n = self.start, 0
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def __len__(self):
+        return self.total if self.total is not None else len(self.iterable)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def close(self):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def update(self, n=1):
+        self.n += n
+        now = self.clock()
+        since = now - self.last_time
+        stepped = bool(self.total) and (self.n - self.last_n) >= self.step * self.total
+        if since >= self.interval or (stepped and since >= self.min_gap):
+            self.write(self.line(now))
+            self.last_time, self.last_n = now, self.n
+
+    def line(self, now):
+        elapsed = now - self.start
+        rate = self.n / elapsed if elapsed > 0 else float("nan")
+        done = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
+        eta = ""
+        if self.total and rate > 0 and math.isfinite(rate):
+            eta = f", ETA {_duration((self.total - self.n) / rate)}"
+        return f"{self.desc}: {done}, {rate:.1f} {self.unit}/s, {_duration(elapsed)} elapsed{eta}"
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+
+
 def setup(device="auto"):
     """Initialise the process group if torchrun started us, and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -72,15 +173,29 @@ def setup(device="auto"):
     if device == "cuda":
         torch.cuda.set_device(local_rank)
         torch_device = torch.device("cuda", local_rank)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     else:
         torch_device = torch.device(device)
     if world > 1 and not dist.is_initialized():
+        # device_id binds NCCL to this rank's GPU (no guessing from the current device)
         dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
-    if torch_device.type == "cpu" and world > 1:
-        # share the machine's cores between the ranks instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+                                timeout=datetime.timedelta(minutes=30),
+                                device_id=torch_device if torch_device.type == "cuda" else None)
+    threads = cpu_threads(torch_device, world, os.environ)
+    if threads:
+        torch.set_num_threads(threads)
     return Context(rank, world, local_rank, torch_device)
+
+
+def cpu_threads(device, world, environ):
+    """Threads per rank for torch on CPU under torchrun, or None to leave torch's choice.
+
+    An explicit OMP_NUM_THREADS is respected (the user knows what else shares the machine; note
+    that torchrun itself sets it to 1 for several processes per node); otherwise the cores are
+    shared between the ranks of this node instead of oversubscribed."""
+    if device.type != "cpu" or world <= 1 or environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, (os.cpu_count() or 1) // int(environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def cleanup():

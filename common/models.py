@@ -4,10 +4,18 @@ A model spec is `NAME` (timm's pretrained weights, needs the hub or its cache) o
 (a local file, no network): a plain state_dict, a timm/torchvision checkpoint, or a checkpoint of
 ours (which also records the data config the model was trained with). Files are read with
 torch.load(weights_only=True), so a file that needs pickle code to load is refused.
+
+A spec may end with the data config the weights expect, as a query:
+`NAME=PATH?input_size=32&interpolation=bicubic&mean=0.5,0.5,0.5&std=0.25,0.25,0.25&crop_pct=1`
+(any subset of these keys). Precedence: the spec's query, then the config stored in our
+checkpoints, then timm's default for the architecture; extra["data_config_source"] says which.
 """
 import hashlib
+import math
 import os
 import pickle
+import pickletools
+import zipfile
 
 import timm
 import torch
@@ -21,10 +29,84 @@ class ModelError(ValueError):
     """A model or weights file that cannot be used as asked."""
 
 
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+def split_query(spec):
+    """'NAME=PATH?input_size=32' -> ('NAME=PATH', 'input_size=32'); no query -> (spec, '')."""
+    head, mark, query = spec.rpartition("?")
+    if mark and "=" in query and head:
+        return head, query
+    return spec, ""
+
+
 def parse_spec(spec):
-    """'resnet50' -> ('resnet50', None); 'resnet50=w.pth' -> ('resnet50', 'w.pth')."""
-    name, _, path = spec.partition("=")
+    """'resnet50' -> ('resnet50', None); 'resnet50=w.pth?input_size=32' -> ('resnet50', 'w.pth')."""
+    name, _, path = split_query(spec)[0].partition("=")
     return name.strip(), (path.strip() or None)
+
+
+def _query_numbers(spec, key, text, count, positive):
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        raise ModelError(f"{key}={text} in {spec!r} must be {count} comma-separated "
+                         f"{'positive ' if positive else ''}numbers, e.g. {key}=0.5,0.5,0.5")
+    return values
+
+
+def spec_data_config(spec):
+    """The data-config entries given in a spec's query (validated), e.g. {'input_size': 32}."""
+    query = split_query(spec)[1]
+    config = {}
+    for item in filter(None, query.split("&")):
+        key, _, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if key not in DATA_CONFIG_KEYS:
+            raise ModelError(f"unknown data-config key {key!r} in {spec!r}; use "
+                             f"{', '.join(DATA_CONFIG_KEYS)}")
+        if key == "input_size":
+            if not text.isdigit() or int(text) < 1:
+                raise ModelError(f"input_size={text} in {spec!r} must be a whole number of pixels >= 1")
+            config[key] = int(text)
+        elif key == "interpolation":
+            if text not in INTERPOLATIONS:
+                raise ModelError(f"interpolation={text} in {spec!r} must be one of {', '.join(INTERPOLATIONS)}")
+            config[key] = text
+        elif key == "crop_pct":
+            value = _query_numbers(spec, key, text, 1, positive=True)[0]
+            if value > 1:
+                raise ModelError(f"crop_pct={text} in {spec!r} must be in (0, 1]")
+            config[key] = value
+        else:
+            config[key] = _query_numbers(spec, key, text, 3, positive=(key == "std"))
+    return config
+
+
+def init_spec(init, arch):
+    """The spec to build a student from: `arch` alone (no --init), or --init checked against
+    --arch. `--init PATH` (a file, no NAME=) means `ARCH=PATH`."""
+    if init is None or init in ("", "none"):
+        return arch
+    name, path = parse_spec(init)
+    if path is None and (os.path.isfile(name) or name.endswith((".pth", ".pt", ".bin", ".safetensors"))):
+        return f"{arch}={init}"
+    if name.split(".")[0] != arch.split(".")[0]:
+        raise ModelError(f"--init {init} holds {name} weights but --arch is {arch}; pass --arch {name}, "
+                         f"or an --init of {arch}")
+    return init
+
+
+def describe_data_config(extra):
+    """One line: "NAME: 224 px bicubic, mean (0.485, ...), std (...), crop 0.875, from SOURCE"."""
+    cfg = extra["data_config"]
+    numbers = lambda values: "(" + ", ".join(f"{v:.4g}" for v in values) + ")"  # noqa: E731
+    return (f"{extra['name']}: {cfg['input_size']} px {cfg['interpolation']}, mean {numbers(cfg['mean'])}, "
+            f"std {numbers(cfg['std'])}, crop {cfg.get('crop_pct', 0.875):.4g}, "
+            f"from {extra.get('data_config_source', 'unknown')}")
 
 
 def file_sha256(path, limit=None):
@@ -35,18 +117,39 @@ def file_sha256(path, limit=None):
     return digest.hexdigest()
 
 
+def needs_pickled_code(path, error):
+    """True when torch's weights-only loader refused a real pickle that imports code (a global),
+    False for damaged files (random bytes, truncated) that merely fail to parse."""
+    if "global" in str(error).lower():  # "Unsupported global: GLOBAL os.system ..." and variants
+        return True
+    if zipfile.is_zipfile(path):
+        return False
+    code_ops = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX"}
+    try:
+        with open(path, "rb") as f:  # parse the opcodes only: nothing is executed
+            return any(op.name in code_ops for op, _, _ in pickletools.genops(f))
+    except Exception:  # not a well-formed pickle: damaged, not hostile
+        return False
+
+
 def read_checkpoint(path):
     """torch.load with weights_only=True and one-sentence errors."""
+    if os.path.isdir(path):
+        raise ModelError(f"{path} is a folder, not a weights file; pass the .pth file inside it "
+                         f"(e.g. {os.path.join(path, 'best.pth')})")
     if not os.path.isfile(path):
         raise ModelError(f"weights file {path} does not exist; check the path after '='")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ModelError(f"{path} is not a plain weights file: loading it would execute pickled "
-                         f"code, which is refused ({str(error).splitlines()[0]}); "
-                         f"re-save it as a state_dict") from None
+        if needs_pickled_code(path, error):
+            raise ModelError(f"{path} is not a plain weights file: loading it would execute pickled "
+                             f"code, which is refused; re-save it as a state_dict") from None
+        raise ModelError(f"cannot read weights file {path}: the file is damaged or not a PyTorch "
+                         f"checkpoint; replace it") from None
     except Exception as error:  # truncated zip, random bytes, ...
-        raise ModelError(f"cannot read weights file {path} ({type(error).__name__}: {error}); "
+        first = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+        raise ModelError(f"cannot read weights file {path} ({type(error).__name__}: {first}); "
                          f"the file is damaged or not a PyTorch checkpoint") from None
 
 
@@ -79,9 +182,11 @@ def create(spec, num_classes, pretrained_head="keep", adapt=None, **kwargs):
     Returns (model, extra) where extra = {"data_config": ..., "sha256": ..., "source": ...}.
     """
     name, path = parse_spec(spec)
+    query_config = spec_data_config(spec)
     if name not in timm.list_models(pretrained=False) and not timm.is_model(name.split(".")[0]):
         raise ModelError(f"unknown timm model {name!r}; see timm.list_models()")
-    extra = {"name": name, "source": path or name, "sha256": None, "data_config": None}
+    extra = {"name": name, "source": path or name, "sha256": None, "data_config": None,
+             "data_config_source": None}
     try:
         if pretrained_head == "none":
             model = timm.create_model(name, num_classes=num_classes, **kwargs)
@@ -93,10 +198,15 @@ def create(spec, num_classes, pretrained_head="keep", adapt=None, **kwargs):
                                  f"without network pass a local file as {name}=PATH") from None
         else:
             checkpoint = read_checkpoint(path)
+            saved_arch = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
+            if isinstance(saved_arch, str) and saved_arch.split(".")[0] != name.split(".")[0]:
+                raise ModelError(f"weights {path} were saved for {saved_arch} and do not fit architecture {name}; "
+                                 f"pass {saved_arch}={path}")
             state = state_dict_of(checkpoint)
             extra["sha256"] = file_sha256(path)
             if isinstance(checkpoint, dict) and isinstance(checkpoint.get("data_config"), dict):
-                extra["data_config"] = checkpoint["data_config"]
+                extra["data_config"] = dict(checkpoint["data_config"])
+                extra["data_config_source"] = f"the checkpoint {path}"
             probe = timm.create_model(name, num_classes=1, **kwargs)
             head_key = f"{probe.pretrained_cfg.get('classifier', 'fc')}.weight"
             file_classes = state[head_key].shape[0] if head_key in state else num_classes
@@ -122,6 +232,12 @@ def create(spec, num_classes, pretrained_head="keep", adapt=None, **kwargs):
                              f"{num_classes} class folders; use a model trained on these classes")
     if extra["data_config"] is None:
         extra["data_config"] = data_config_of(model)
+        extra["data_config_source"] = f"timm's default for {name}"
+    if query_config:
+        extra["data_config"] = {**extra["data_config"], **query_config}
+        extra["data_config_source"] = (f"the spec ({', '.join(query_config)}) over "
+                                       f"{extra['data_config_source']}")
+    extra["data_config"].setdefault("crop_pct", 0.875)
     return model, extra
 
 
@@ -145,11 +261,20 @@ def load_teachers(specs, num_classes, device):
     return teachers
 
 
+_norm_cache = {}  # (mean, std, device) -> (mean*255, std*255) tensors: no host-to-device copy per step
+
+
 def normalize(images, mean, std):
-    """uint8 NCHW on the training device -> float, normalized."""
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
-    out = (images.float() - mean) / std
+    """uint8 NCHW (0-255) on the training device -> float32, normalized with mean/std in 0-1 units."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize() takes uint8 images (0-255), got {images.dtype}; normalize each "
+                        f"batch once, straight from the loader")
+    key = (tuple(mean), tuple(std), images.device)
+    if key not in _norm_cache:
+        _norm_cache[key] = tuple(torch.tensor(v, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255
+                                 for v in (mean, std))
+    mean_255, std_255 = _norm_cache[key]
+    out = (images.float() - mean_255) / std_255
     return out.contiguous(memory_format=torch.channels_last) if images.is_cuda else out
 
 

@@ -142,3 +142,288 @@ def test_evaluate_scores_every_head_in_one_pass():
     assert calls == [4, 2]  # one pass over the data for both heads
     assert both[0]["top1"] == pytest.approx(400 / 6) and both[1]["top1"] == pytest.approx(200 / 6)
     assert both[0]["count"] == both[1]["count"] == 6 and both[0]["top5"] == 100.0
+
+
+# ---------------------------------------------------------------------------------------------
+# AMP, compile and progress output (common/dist.py)
+# ---------------------------------------------------------------------------------------------
+def test_autocast_and_grad_scaler_follow_amp_flags(monkeypatch):
+    from argparse import Namespace
+    from common.dist import Context, amp_dtype, amp_enabled, maybe_compile, scaler_enabled
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    bf16, fp16 = Namespace(amp=True, amp_dtype="bfloat16"), Namespace(amp=True)  # no amp_dtype: float16
+    assert amp_enabled(bf16, cuda) and amp_dtype(bf16) == "bfloat16" and amp_dtype(fp16) == "float16"
+    assert not amp_enabled(bf16, cpu) and not amp_enabled(Namespace(amp=False), cuda)
+    assert not amp_enabled(Namespace(), cuda)  # an args without the flags works
+    assert scaler_enabled(fp16, cuda) and not scaler_enabled(bf16, cuda)  # bf16 needs no loss scaling
+    assert not scaler_enabled(fp16, cpu)
+    autocast = Context().autocast(bf16)
+    assert autocast.fast_dtype == torch.bfloat16 and not autocast._enabled
+    with autocast:
+        assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float32
+    assert not Context().grad_scaler(fp16).is_enabled()
+    model = torch.nn.Linear(2, 2)
+    assert maybe_compile(model, Namespace()) is model and maybe_compile(model, Namespace(compile=False)) is model
+    monkeypatch.setattr(torch, "compile", lambda m: ("compiled", m))  # dynamo takes seconds to import
+    assert maybe_compile(model, Namespace(compile=True)) == ("compiled", model)
+
+
+def test_plain_progress_lines_every_5_percent_or_30_seconds():
+    from common.dist import PlainProgress
+    lines, now = [], [0.0]
+    bar = PlainProgress(range(100), desc="epoch 1/2", write=lines.append, clock=lambda: now[0])
+    for _ in bar:
+        now[0] += 0.5  # 50 s in all: a 5% step every 2.5 s
+    assert len(lines) == 20 and lines[0] == "epoch 1/2: 5/100 (5%), 2.0 it/s, 2s elapsed, ETA 48s"
+    assert lines[-1].startswith("epoch 1/2: 100/100 (100%)")
+    lines.clear()
+    with PlainProgress(total=1000, desc="labels", unit="img", write=lines.append, clock=lambda: now[0]) as bar:
+        for _ in range(10):
+            now[0] += 10.0  # 10 s per image: only the 30 s rule fires
+            bar.update(1)
+    assert len(lines) == 3 and "img/s" in lines[0] and "ETA" in lines[0]
+
+
+def test_bar_is_tqdm_on_a_terminal_and_plain_lines_otherwise(monkeypatch):
+    from tqdm import tqdm
+    from common import dist
+    monkeypatch.setattr(dist, "_is_terminal", lambda stream: True)
+    assert isinstance(dist.Context().bar(range(3)), tqdm)
+    monkeypatch.setattr(dist, "_is_terminal", lambda stream: False)
+    assert isinstance(dist.Context().bar(range(3)), dist.PlainProgress)
+    assert list(dist.Context().bar(range(3))) == [0, 1, 2]
+    assert isinstance(dist.Context(rank=1, world=2).bar(range(3)), tqdm)  # disabled off rank 0
+
+
+def test_cpu_threads_respect_an_explicit_omp_num_threads():
+    from common.dist import cpu_threads
+    cpu = torch.device("cpu")
+    assert cpu_threads(cpu, 2, {"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}) is None
+    assert cpu_threads(cpu, 2, {"LOCAL_WORLD_SIZE": "2"}) == max(1, (os.cpu_count() or 1) // 2)
+    assert cpu_threads(cpu, 1, {}) is None and cpu_threads(torch.device("cuda", 0), 2, {}) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders, the lock, resume policy, checkpoint writes (common/ckpt.py)
+# ---------------------------------------------------------------------------------------------
+def run_args(**changes):
+    from argparse import Namespace
+    values = dict(arch="test_resnet", epochs=2, lr=0.1, workers=0, amp=False, resume=None,
+                  overwrite=False, stop_epoch=None, data="demo", labels=None, out="x")
+    return Namespace(**{**values, **changes})
+
+
+def saved_run(out, args=None, scaler=None):
+    from common.ckpt import Checkpointer, release_out
+    from common.dist import Context
+    model = torch.nn.Linear(2, 2)
+    objects = dict(model=model) if scaler is None else dict(model=model, scaler=scaler)
+    checkpointer = Checkpointer(str(out), Context(), args=args or run_args(), **objects)
+    checkpointer.restore()
+    checkpointer.end_epoch({"epoch": 1, "val_top1": 50.0}, 50.0, args or run_args())
+    release_out(str(out))
+    return model
+
+
+def test_resume_refuses_changed_training_flags_and_allows_infrastructure(tmp_path):
+    from common.ckpt import Checkpointer, CheckpointError, release_out
+    from common.dist import Context
+    saved_run(tmp_path)
+    for changed, needle in ((dict(epochs=4), "--epochs 4 differs from the checkpoint's 2: resume with the "
+                                             "checkpoint's flags, or start a new run (another --out, or --overwrite)"),
+                            (dict(lr=0.2, epochs=3), "--epochs 3 differs from the checkpoint's 2 (also --lr)"),
+                            (dict(overwrite=True), "pass only one")):
+        with pytest.raises(CheckpointError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            Checkpointer(str(tmp_path), Context(), "auto", run_args(**changed).overwrite,
+                         args=run_args(**changed), model=torch.nn.Linear(2, 2))
+        release_out(str(tmp_path))
+    moved = run_args(workers=4, amp=True, stop_epoch=2, labels=None)
+    model = torch.nn.Linear(2, 2)
+    checkpointer = Checkpointer(str(tmp_path), Context(), "auto", False, args=moved, model=model)
+    assert checkpointer.restore() == (1, 50.0)
+    release_out(str(tmp_path))
+
+
+def test_resume_of_another_script_or_architecture_is_one_sentence(tmp_path):
+    from common.ckpt import Checkpointer, CheckpointError, release_out
+    from common.dist import Context
+    saved_run(tmp_path)
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert state["script"] == "test_common.py" and "rng" not in state
+    save_atomic({**state, "script": "bake.py"}, tmp_path / "last.pth")
+    with pytest.raises(CheckpointError, match="is a checkpoint of bake.py, not of test_common.py"):
+        Checkpointer(str(tmp_path), Context(), "auto", args=run_args(), model=torch.nn.Linear(2, 2))
+    release_out(str(tmp_path))
+    save_atomic({**state, "args": None, "rng": {"torch": torch.get_rng_state()}}, tmp_path / "last.pth")
+    checkpointer = Checkpointer(str(tmp_path), Context(), "auto", args=run_args(), model=torch.nn.Linear(3, 2))
+    with pytest.raises(CheckpointError, match="does not fit this run's model") as error:
+        checkpointer.restore()
+    assert len(str(error.value)) < 400  # not a state_dict dump
+    release_out(str(tmp_path))
+
+
+def test_empty_grad_scaler_state_resumes_with_amp(tmp_path):
+    from common.ckpt import Checkpointer, release_out
+    from common.dist import Context
+    saved_run(tmp_path, scaler=torch.amp.GradScaler("cpu", enabled=False))  # saved without --amp: {}
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    checkpointer = Checkpointer(str(tmp_path), Context(), "auto", args=run_args(amp=True),
+                                model=torch.nn.Linear(2, 2), scaler=scaler)
+    assert checkpointer.restore()[0] == 1 and scaler.get_scale() == 65536.0
+    release_out(str(tmp_path))
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path):
+    import fcntl
+    from common.ckpt import CheckpointError, lock_out, release_out
+    with open(tmp_path / ".lock", "w") as other:  # another open file = another run holding OUT
+        other.write("4242\n")
+        other.flush()
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(CheckpointError, match=r"is in use by another run \(pid 4242\); wait for it"):
+            lock_out(str(tmp_path))
+    assert lock_out(str(tmp_path)) is None and lock_out(str(tmp_path)) is None  # free, then re-entrant
+    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    release_out(str(tmp_path))
+
+
+def test_resume_on_a_rank_without_the_checkpoint_names_the_shared_filesystem(tmp_path):
+    from common.ckpt import Checkpointer, CheckpointError, release_out
+    from common.dist import Context
+    saved_run(tmp_path)
+
+    class OtherNodeMissesIt(Context):
+        def all_reduce_sum(self, values):
+            return [v + 1 for v in values]  # one more process reports the file missing
+
+    checkpointer = Checkpointer(str(tmp_path), OtherNodeMissesIt(), "auto", args=run_args(),
+                                model=torch.nn.Linear(2, 2))
+    with pytest.raises(CheckpointError, match="missing on 1 of 1 processes: --out must be on a filesystem shared"):
+        checkpointer.restore()
+    release_out(str(tmp_path))
+
+
+def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    import resource
+    from common.ckpt import CheckpointError
+    save_atomic({"epoch": 1}, tmp_path / "last.pth")
+    before = (tmp_path / "last.pth").read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
+    try:
+        with pytest.raises(CheckpointError, match="cannot write .*last.pth .*the previous last.pth is intact"):
+            save_atomic({"epoch": 2, "weights": torch.zeros(100_000)}, tmp_path / "last.pth")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert os.listdir(tmp_path) == ["last.pth"] and (tmp_path / "last.pth").read_bytes() == before
+
+
+def test_resolve_out_fresh_folder_per_run_newest_on_resume(tmp_path):
+    from common.ckpt import CheckpointError, release_out, resolve_out
+    from common.dist import Context
+    base = tmp_path / "runs" / "fkd_demo_online"
+    first = resolve_out(None, str(base), Context())
+    second = resolve_out(None, str(base), Context())
+    assert first != second and os.path.dirname(first) == str(base)  # same second: a -2 suffix
+    assert resolve_out(None, str(base), Context(), "auto") == max(first, second, key=len)
+    assert resolve_out(str(tmp_path / "mine"), str(base), Context()) == str(tmp_path / "mine")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        resolve_out(str(tmp_path / "file"), str(base), Context())
+    with pytest.raises(CheckpointError, match="cannot create output folder"):
+        resolve_out(str(tmp_path / "file" / "sub"), str(base), Context())
+    for path in (first, second, str(tmp_path / "mine")):
+        release_out(path)
+
+
+def test_damaged_checkpoint_is_not_called_pickled_code(tmp_path):
+    import pickle
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(ModelError, match="damaged") as error:
+        create(f"test_resnet={tmp_path / 'random.pth'}", 3)
+    assert "pickled code" not in str(error.value)
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"model": Payload(str(tmp_path / "ran"))}, f, protocol=4)
+    with pytest.raises(ModelError, match="would execute pickled code"):
+        create(f"test_resnet={tmp_path / 'evil.pkl'}", 3)
+    with pytest.raises(ModelError, match="is a folder, not a weights file"):
+        create(f"test_resnet={tmp_path}", 3)
+    assert not (tmp_path / "ran").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model specs: --init against --arch, data configs in specs (common/models.py)
+# ---------------------------------------------------------------------------------------------
+def test_init_spec_checks_the_architecture(tmp_path):
+    from common.models import init_spec
+    assert init_spec(None, "resnet50") == "resnet50" and init_spec("resnet50.a1_in1k", "resnet50") == "resnet50.a1_in1k"
+    assert init_spec("resnet50=w.pth", "resnet50") == "resnet50=w.pth"
+    assert init_spec("w.pth", "resnet50") == "resnet50=w.pth"
+    with pytest.raises(ModelError, match="--init resnet18=w.pth holds resnet18 weights but --arch is resnet50"):
+        init_spec("resnet18=w.pth", "resnet50")
+
+
+def test_data_config_from_spec_checkpoint_or_timm(tmp_path):
+    from common.models import describe_data_config
+    spec = make_teacher(tmp_path / "t.pth")
+    _, extra = create(spec, 3)
+    assert extra["data_config_source"] == f"the checkpoint {tmp_path / 't.pth'}"
+    _, extra = create(spec + "?input_size=48&interpolation=bicubic&mean=0.5,0.5,0.5&std=0.25,0.25,0.25", 3)
+    assert extra["data_config"] == {"input_size": 48, "interpolation": "bicubic", "mean": [0.5] * 3,
+                                    "std": [0.25] * 3, "crop_pct": 1.0}
+    assert extra["source"] == str(tmp_path / "t.pth") and extra["name"] == "test_resnet"
+    assert describe_data_config(extra) == (
+        "test_resnet: 48 px bicubic, mean (0.5, 0.5, 0.5), std (0.25, 0.25, 0.25), crop 1, from the spec "
+        f"(input_size, interpolation, mean, std) over the checkpoint {tmp_path / 't.pth'}")
+    _, extra = create("test_resnet", 3, pretrained_head="none")
+    assert extra["data_config_source"] == "timm's default for test_resnet"
+    for query, needle in (("input_size=0", "whole number of pixels"), ("interpolation=cubic", "must be one of"),
+                          ("mean=1,2", "3 comma-separated numbers"), ("std=1,0,1", "positive numbers"),
+                          ("size=3", "unknown data-config key 'size'"), ("crop_pct=2", r"in \(0, 1\]")):
+        with pytest.raises(ModelError, match=needle):
+            create(f"{spec}?{query}", 3)
+
+
+def test_normalize_takes_uint8_only():
+    from common.models import normalize
+    images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    out = normalize(images, [0.5] * 3, [0.5] * 3)
+    assert out.dtype == torch.float32 and torch.allclose(out, torch.ones_like(out))
+    with pytest.raises(TypeError, match="uint8 images"):
+        normalize(images.float() / 255, [0.5] * 3, [0.5] * 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: symlink loops, one class, CutMix from the generator (common/data.py)
+# ---------------------------------------------------------------------------------------------
+def test_symlink_loops_and_single_class_are_refused(tmp_path):
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / "d" / "train" / name)
+        Image.new("RGB", (8, 8)).save(tmp_path / "d" / "train" / name / "x.png")
+    assert len(image_folder(str(tmp_path / "d"), "train")) == 2
+    os.symlink("..", tmp_path / "d" / "train" / "a" / "up")
+    with pytest.raises(DataError, match="a folder that contains it: a loop"):
+        image_folder(str(tmp_path / "d"), "train")
+    os.remove(tmp_path / "d" / "train" / "a" / "up")
+    os.symlink(tmp_path / "d" / "train" / "b", tmp_path / "d" / "train" / "a" / "also_b")
+    with pytest.raises(DataError, match="would count twice"):
+        image_folder(str(tmp_path / "d"), "train")
+    os.makedirs(tmp_path / "one" / "train" / "a")
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "train" / "a" / "x.png")
+    with pytest.raises(DataError, match="single class folder"):
+        image_folder(str(tmp_path / "one"), "train")
+
+
+def test_cutmix_box_comes_from_the_generator_alone():
+    from common.data import cutmix_box, mix_batch
+    x = torch.arange(4 * 3 * 16 * 16, dtype=torch.float32).view(4, 3, 16, 16)
+    y = torch.eye(4)
+    numpy_state, torch_state = np.random.get_state()[1].copy(), torch.get_rng_state()
+    runs = [mix_batch(x, y, 0.0, 1.0, torch.Generator().manual_seed(seed)) for seed in (5, 5, 6)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][0], runs[2][0])
+    assert np.array_equal(np.random.get_state()[1], numpy_state) and torch.equal(torch.get_rng_state(), torch_state)
+    # timm's semantics: side sqrt(1 - lam), clipped at the border, lambda = 1 - pasted area
+    (y0, y1, x0, x1), lam = cutmix_box(10, 20, 0.75, np.random.default_rng(0))
+    assert lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / 200)
+    assert y1 - y0 <= 5 and x1 - x0 <= 10 and (y1 - y0 == 5 or y0 == 0 or y1 == 10)
