@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from .crops import replay_crops, sample_crops
 from .ckpt import save_atomic
-from .data import image_folder, load_rgb
+from .data import DataError, image_folder, load_rgb
 from .models import create, normalize
 
 VERSION = 1  # of the data set; bump when the rendering changes (invalidates caches)
@@ -31,7 +31,17 @@ DATA_CONFIG = {"input_size": IMAGE_SIZE, "interpolation": "bilinear", "mean": [0
 
 
 def cache_dir():
-    return os.environ.get("KD_DEMO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kd_reference"))
+    """The demo cache folder ($KD_DEMO_CACHE, default ~/.cache/kd_reference), created if needed."""
+    path = os.environ.get("KD_DEMO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kd_reference")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"the demo cache {path} (KD_DEMO_CACHE) is a file, not a folder; set KD_DEMO_CACHE "
+                        f"to a folder (or unset it)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot create the demo cache {path} ({error.strerror or error}); set "
+                        f"KD_DEMO_CACHE to a writable folder") from None
+    return path
 
 
 def _polygon(cx, cy, radius, angle, points):

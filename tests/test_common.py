@@ -427,3 +427,13 @@ def test_cutmix_box_comes_from_the_generator_alone():
     (y0, y1, x0, x1), lam = cutmix_box(10, 20, 0.75, np.random.default_rng(0))
     assert lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / 200)
     assert y1 - y0 <= 5 and x1 - x0 <= 10 and (y1 - y0 == 5 or y0 == 0 or y1 == 10)
+
+
+def test_demo_cache_that_is_a_file_is_one_sentence(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("x")
+    monkeypatch.setenv("KD_DEMO_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="KD_DEMO_CACHE.* is a file, not a folder"):
+        demo.ensure_data()
+    monkeypatch.setenv("KD_DEMO_CACHE", str(tmp_path / "cache" / "sub"))
+    with pytest.raises(DataError, match="cannot create the demo cache"):
+        demo.ensure_data()
