@@ -437,3 +437,21 @@ def test_demo_cache_that_is_a_file_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setenv("KD_DEMO_CACHE", str(tmp_path / "cache" / "sub"))
     with pytest.raises(DataError, match="cannot create the demo cache"):
         demo.ensure_data()
+
+
+# ---------------------------------------------------------------------------------------------
+# tests/gpu: the smoke script parses; the process-group checks run on CPU (gloo, one process)
+# ---------------------------------------------------------------------------------------------
+def test_gpu_smoke_script_parses_and_dist_checks_pass_on_cpu():
+    import subprocess
+    import sys
+    from conftest import ROOT
+    smoke = os.path.join(ROOT, "tests", "gpu", "smoke.sh")
+    assert subprocess.run(["bash", "-n", smoke], capture_output=True).returncode == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu", "dist_check.py"), "--device", "cpu"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert [line.split(":")[0] for line in result.stdout.splitlines() if line[:4] in ("ok  ", "FAIL")] == [
+        "ok   collectives", "ok   evaluate", "ok   ddp step float16", "ok   ddp step bfloat16"]

@@ -39,6 +39,11 @@ from common.data import image_folder, load_rgb, loader  # noqa: E402
 from common.labels import LabelStore, StoredCrops, crop_schedule  # noqa: E402
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def make_jpeg_folder(root, images, classes=10, seed=0):
     """ImageNet-like JPEGs: demo shapes drawn on 500x375 noisy backgrounds, quality 90."""
     rng = np.random.default_rng(seed)
@@ -104,6 +109,8 @@ def main():
     p.add_argument("--store-images", type=int, default=100_000)
     p.add_argument("--store-crops", type=int, default=100)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="float16 autocast for the teacher (CUDA only), "
+                   "in fkd.py --mode label and in the bare inference it is compared with")
     p.add_argument("--store-only", action="store_true", help="only the label-store read benchmark")
     p.add_argument("--scaling", action="store_true", help="also measure 1 vs 2 processes under torchrun")
     p.add_argument("--json", default="runs/benchmarks/fkd_pipeline.json")
@@ -128,19 +135,24 @@ def main():
             command = [sys.executable, "fkd.py", "--data", data, "--mode", "label", "--teacher",
                        f"{args.teacher}={teacher_file}", "--labels", labels, "--out", os.path.join(tmp, "out"),
                        "--stored-crops", str(args.stored_crops), "--label-batch", str(args.label_batch),
-                       "--workers", str(args.workers), "--k", "5", "--device", args.device]
+                       "--workers", str(args.workers), "--k", "5", "--device", args.device] + (["--amp"] if args.amp else [])
             done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
             label_rate = float(re.search(r"\((\d+) crops/s\)", done.stdout).group(1))
-            teacher = teacher.to(args.device).eval()
-            x = torch.randn(args.label_batch, 3, args.size, args.size, device=args.device)
+            device = torch.device(args.device)
+            teacher = teacher.to(device).eval()
+            x = torch.randn(args.label_batch, 3, args.size, args.size, device=device)
+            if device.type == "cuda":  # as fkd.py's teachers (common.dist.setup turns cudnn.benchmark on)
+                torch.backends.cudnn.benchmark = True
+                teacher, x = teacher.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
             total = args.images * args.stored_crops
-            with torch.no_grad():
-                teacher(x)
+            with torch.no_grad(), torch.autocast(device.type, enabled=args.amp and device.type == "cuda"):
+                for _ in range(3):  # warm-up (cuDNN autotuning, lazy init), finished before the clock starts
+                    teacher(x)
+                sync(device)
                 start = time.perf_counter()
                 for _ in range(total // args.label_batch):
                     teacher(x)
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)  # CUDA runs asynchronously: wait for the queued work, not only its launch
             bare_rate = (total // args.label_batch) * args.label_batch / (time.perf_counter() - start)
             results["label_generation"] = {"fkd_label_crops_per_s": label_rate, "bare_teacher_crops_per_s": bare_rate,
                                            "ratio": label_rate / bare_rate}

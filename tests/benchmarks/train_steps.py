@@ -2,9 +2,13 @@
 
     python tests/benchmarks/train_steps.py                 # CPU defaults (small sizes)
     python tests/benchmarks/train_steps.py --device cuda --size 224 --batch 256 --amp
+    python tests/benchmarks/train_steps.py --device cuda --size 224 --batch 256 --amp --amp-dtype bfloat16
 
 Every pair of steps runs on the same synthetic batch, interleaved (A, B, A, B, ...), warm-up
-excluded, median of --repeats. Data loading is excluded (see the loader benchmark for that):
+excluded, median of --repeats. On CUDA each timed step starts and ends with
+torch.cuda.synchronize(), so a time is the GPU's work, not how fast the CPU queued it; AMP and
+the gradient scaler come from common.dist (--amp, --amp-dtype) as in the method files. Data
+loading is excluded (see the loader benchmark for that):
 
   FKD      plain CE step | FKD step (decode stored top-K labels + soft CE) | online KD step (teacher
            forward + soft CE); ideal FKD speedup over online = (student step + teacher forward) / student step
@@ -30,12 +34,17 @@ import bake  # noqa: E402
 import frskd  # noqa: E402
 import meal_v2  # noqa: E402
 from common.labels import decode, encode  # noqa: E402
-from common.models import FeaturesAndLogits, ensemble_probs  # noqa: E402
+from common.dist import Context  # noqa: E402
+from common.models import ensemble_probs  # noqa: E402
+
+FeaturesAndLogits = getattr(bake, "FeaturesAndLogits", None)
+if FeaturesAndLogits is None:  # before it moved into bake.py
+    from common.models import FeaturesAndLogits  # noqa: E402,F811
 
 
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def timed(step, device):
@@ -199,16 +208,20 @@ def main():
     p.add_argument("--frskd-batch", type=int, default=128)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--amp", action="store_true")
+    p.add_argument("--amp", action="store_true", help="autocast on CUDA (as the scripts' --amp)")
+    p.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default="float16")
     p.add_argument("--only", nargs="+", default=["fkd", "bake", "frskd", "meal_v2"])
     p.add_argument("--json", default="runs/benchmarks/train_steps.json")
     args = p.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as common.dist.setup: fixed shapes
     torch.manual_seed(0)
-    scaler = torch.amp.GradScaler(enabled=args.amp and device.type == "cuda")
+    ctx = Context(device=device)
+    scaler = ctx.grad_scaler(args)  # float16 on CUDA only; bfloat16 needs no scaler
 
     def autocast():
-        return torch.autocast(device.type, enabled=args.amp and device.type == "cuda")
+        return ctx.autocast(args)
 
     def batch(n, size):
         x = torch.randn(n, 3, size, size, device=device)
@@ -217,7 +230,8 @@ def main():
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device {name}; torch {torch.__version__}; student {args.student}, teacher {args.teacher}"
-          f" (+{args.teacher2} for MEAL V2); {args.classes} classes; amp {args.amp}; median of {args.repeats}")
+          f" (+{args.teacher2} for MEAL V2); {args.classes} classes; amp {args.amp} ({args.amp_dtype}); "
+          f"median of {args.repeats}")
     results = {"device": name, "args": vars(args)}
     x, labels = batch(args.batch, args.size)
     if "fkd" in args.only:
