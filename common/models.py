@@ -161,16 +161,6 @@ def state_dict_of(checkpoint):
     return clean_state_dict(checkpoint)
 
 
-def cifar_stem(model):
-    """CIFAR-style ResNet stem: 3x3 stride-1 conv, no max-pool (for 32x32 inputs)."""
-    if not (isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool")):
-        raise ModelError(f"--cifar-stem needs a timm ResNet with a single conv1 stem, "
-                         f"not {type(model).__name__}")
-    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
-
-
 def create(spec, num_classes, pretrained_head="keep", adapt=None, **kwargs):
     """Build a timm model from a spec and load its weights.
 
