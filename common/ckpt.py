@@ -208,6 +208,11 @@ def prepare_out(out, resume, overwrite):
         path = last if resume == "auto" else resume
         if resume == "auto" and not os.path.exists(path):
             return None
+        if os.path.isdir(path):  # a run's folder: its last.pth
+            if not os.path.isfile(os.path.join(path, "last.pth")):
+                raise CheckpointError(f"--resume {path} is a folder without a last.pth; pass a run's "
+                                      f"folder or its last.pth, or drop --resume to start fresh")
+            path = os.path.join(path, "last.pth")
         if not os.path.exists(path):
             raise CheckpointError(f"--resume {path}: no such checkpoint; drop --resume to start fresh")
         return path

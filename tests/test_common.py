@@ -115,6 +115,7 @@ def test_checkpoint_write_is_atomic_and_out_guard(tmp_path):
     with pytest.raises(ModelError, match="--resume auto"):
         prepare_out(str(tmp_path), None, False)
     assert prepare_out(str(tmp_path), "auto", False) == str(tmp_path / "last.pth")
+    assert prepare_out(str(tmp_path), str(tmp_path), False) == str(tmp_path / "last.pth")  # a run's folder
     log = MetricsLog(str(tmp_path))
     for e in (1, 2, 3):
         log.append({"epoch": e})
@@ -443,15 +444,20 @@ def test_demo_cache_that_is_a_file_is_one_sentence(tmp_path, monkeypatch):
 # tests/gpu: the smoke script parses; the process-group checks run on CPU (gloo, one process)
 # ---------------------------------------------------------------------------------------------
 def test_gpu_smoke_script_parses_and_dist_checks_pass_on_cpu():
+    import importlib.util
     import subprocess
-    import sys
+    import torch.distributed as dist
     from conftest import ROOT
-    smoke = os.path.join(ROOT, "tests", "gpu", "smoke.sh")
-    assert subprocess.run(["bash", "-n", smoke], capture_output=True).returncode == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu", "dist_check.py"), "--device", "cpu"],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
-    assert [line.split(":")[0] for line in result.stdout.splitlines() if line[:4] in ("ok  ", "FAIL")] == [
+    from common.dist import Context
+    assert subprocess.run(["bash", "-n", os.path.join(ROOT, "tests", "gpu", "smoke.sh")]).returncode == 0
+    spec = importlib.util.spec_from_file_location("dist_check", os.path.join(ROOT, "tests", "gpu", "dist_check.py"))
+    dist_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dist_check)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        lines, failed = dist_check.run_checks(Context())
+    finally:
+        dist.destroy_process_group()
+    assert failed == 0, lines
+    assert [line.split(":")[0] for line in lines] == [
         "ok   collectives", "ok   evaluate", "ok   ddp step float16", "ok   ddp step bfloat16"]

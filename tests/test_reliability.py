@@ -139,7 +139,8 @@ def bad_inputs(tmp_path_factory):
             "wrong_arch": f"resnet10t={root / 't5.pth'}"}
 
 
-BAD_FKD = [  # (what, data key, extra flags, words the error must contain)
+BAD_FKD = [  # (what, data key, extra flags, words the error must contain); bad flag values: see
+    # test_every_numeric_flag_is_validated_at_parse_time
     ("missing --data", "nowhere", [], ["does not exist", "--data must point"]),
     ("empty --data", "empty", [], ["train does not exist"]),
     ("class folder in train, not in val", "missing_val", [], ["differ from train", "same class folders"]),
@@ -148,8 +149,6 @@ BAD_FKD = [  # (what, data key, extra flags, words the error must contain)
     ("weights of another architecture", "data", ["--teacher", "wrong_arch"], ["do not fit architecture resnet10t"]),
     ("num_crops > stored crops", "data", ["--num-crops", "8", "--batch-size", "16"], ["exceeds the 4 crops"]),
     ("batch not divisible by num_crops", "data", ["--batch-size", "7"], ["divisible by --num-crops"]),
-    ("out-of-range flag", "data", ["--k", "0"], ["--k 0 must be >= 1"]),
-    ("negative lr", "data", ["--lr", "-1"], ["--lr must be > 0"]),
     ("batch larger than the data", "data", ["--batch-size", "64"], ["lower --batch-size"]),
 ]
 
@@ -239,3 +238,210 @@ def test_killed_generation_under_torchrun_resumes_byte_identical(tiny_data, tiny
     run_script(torchrun(2) + method_args("fkd", tiny_data, tiny_teacher, tmp_path / "killed", *slow)[1:])
     a, b = tmp_path / "whole" / "labels", tmp_path / "killed" / "labels"
     assert all(filecmp.cmp(a / n, b / n, shallow=False) for n in os.listdir(a))
+
+
+# ---------------------------------------------------------------------------------------------
+# The same classes of bad input in all four scripts, in-process (no subprocess start-up): every
+# numeric flag validated at parse time, paths and resumes refused with one sentence before work.
+# ---------------------------------------------------------------------------------------------
+SCRIPTS = ["fkd", "bake", "meal_v2", "frskd"]
+
+
+class _Parsed(Exception):
+    pass
+
+
+def script_parser(name):
+    """The argparse parser a script builds in parse_args (captured, nothing parsed)."""
+    import argparse
+    from unittest import mock
+    captured = {}
+
+    def capture(self, args=None, namespace=None):
+        captured["parser"] = self
+        raise _Parsed
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture):
+        try:
+            __import__(name).parse_args(["--data", "demo"])
+        except _Parsed:
+            pass
+    return captured["parser"]
+
+
+def bad_values():
+    from common import flags
+    return {flags.positive_int: ["0", "-2", "1.5", "x"], flags.nonneg_int: ["-1", "nan"],
+            flags.positive_float: ["0", "-1", "nan", "inf"], flags.nonneg_float: ["-0.5", "nan"],
+            flags.finite_float: ["nan", "-inf"], flags.fraction: ["-0.1", "1.5", "nan"],
+            flags.open_fraction: ["0", "1.01"], flags.fraction_below_one: ["1", "-1"],
+            flags.interpolation: ["cubic"], getattr(flags, "any_int", None): ["1.5", "nan"]}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_numeric_flag_is_validated_at_parse_time(name, capsys):
+    parser, table, checked = script_parser(name), bad_values(), 0
+    for action in parser._actions:
+        if not action.option_strings or action.type is None and not action.choices:
+            continue
+        flag = action.option_strings[0]
+        assert action.type not in (int, float), f"{name}.py {flag} uses a plain {action.type.__name__}: use common.flags"
+        values = table.get(action.type, []) + (["bogus"] if action.choices else [])
+        assert values or action.type is str, f"{name}.py {flag}: type {action.type} is not a common.flags type"
+        count = action.nargs if isinstance(action.nargs, int) else 1
+        for value in values:
+            with pytest.raises(SystemExit) as exit:
+                __import__(name).parse_args(["--data", "demo", flag, *[value] * count])
+            message = capsys.readouterr().err.strip().splitlines()[-1]
+            assert exit.value.code == 2 and f"argument {flag}" in message, (flag, value, message)
+            assert ("must be" in message or "invalid choice" in message) and value in message, message
+            checked += 1
+    assert checked >= 10
+
+
+def run_main(name, argv):
+    """main(argv) in this process; returns what it exited with (0 when it returned)."""
+    try:
+        __import__(name).main([str(a) for a in argv])
+    except SystemExit as exit:
+        return exit.code
+    except KeyboardInterrupt:
+        pytest.fail(f"{name}.main() let KeyboardInterrupt through (expected SystemExit(ckpt.INTERRUPTED))")
+    return 0
+
+
+def assert_one_sentence(code, *needles):
+    assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code, code
+    for needle in needles:
+        assert needle in code, code
+    return code
+
+
+def tiny_argv(name, data, teacher, out, *extra):
+    argv = method_args(name, data, teacher, out, *extra)[2:]
+    if name == "fkd":
+        argv += ["--labels", os.path.join(os.path.dirname(str(out)), "labels")]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def odd_data(tmp_path_factory):
+    from PIL import Image
+    root = tmp_path_factory.mktemp("odd")
+    one = make_image_folder(root / "one", classes=1)
+    loop = make_image_folder(root / "loop")
+    first = sorted(os.listdir(os.path.join(loop, "train")))[0]
+    os.symlink("..", os.path.join(loop, "train", first, "up"))
+    (root / "a_file").write_text("not a folder")
+    (root / "weights_dir").mkdir()
+    Image.new("RGB", (4, 4)).save(root / "weights_dir" / "x.png")
+    return {"one": one, "loop": loop, "file": str(root / "a_file"), "dir": str(root / "weights_dir")}
+
+
+BAD_PATHS = [  # (case, words of the sentence)
+    ("out is a file", ["is a file, not a folder"]),
+    ("one class", ["single class folder"]),
+    ("symlink loop", ["a loop", "remove the symlink"]),
+    ("demo cache is a file", ["KD_DEMO_CACHE", "is a file"]),
+    ("resume with overwrite", ["pass only one"]),
+]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("case,needles", BAD_PATHS, ids=[c for c, _ in BAD_PATHS])
+def test_bad_paths_are_one_sentence(name, case, needles, odd_data, tiny_data, tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default folders (runs/...) land here, not in the repository
+    data, out, extra = tiny_data, tmp_path / "out", []
+    if case == "out is a file":
+        out = odd_data["file"]
+    elif case in ("one class", "symlink loop"):
+        data = odd_data["one" if case == "one class" else "loop"]
+    elif case == "demo cache is a file":
+        monkeypatch.setenv("KD_DEMO_CACHE", odd_data["file"])
+        data = "demo"
+    else:
+        extra = ["--resume", "auto", "--overwrite"]
+    assert_one_sentence(run_main(name, tiny_argv(name, data, tiny_teacher, out, *extra)), *needles)
+
+
+def fake_checkpoint(path, **fields):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_atomic({"model": {}, "epoch": 1, "best_top1": 0.0, **fields}, str(path))
+
+
+RESUMES = [  # (case, words of the sentence)
+    ("checkpoint of another script", ["is a checkpoint of other.py, not of"]),
+    ("changed --epochs", ["differs from the checkpoint's 99", "resume with the checkpoint's flags"]),
+    ("damaged checkpoint", ["damaged"]),
+    ("folder without last.pth", ["is a folder without a last.pth"]),
+    ("another run holds OUT", ["is in use by another run (pid 4242)"]),
+]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("case,needles", RESUMES, ids=[c for c, _ in RESUMES])
+def test_resume_problems_are_one_sentence(name, case, needles, tiny_data, tiny_teacher, tmp_path, monkeypatch):
+    import fcntl
+    monkeypatch.chdir(tmp_path)
+    out, resume = tmp_path / "out", "auto"
+    if case == "checkpoint of another script":
+        fake_checkpoint(out / "last.pth", script="other.py", args={})
+    elif case == "changed --epochs":
+        fake_checkpoint(out / "last.pth", script=f"{name}.py", args={"epochs": 99})
+    elif case == "damaged checkpoint":
+        out.mkdir()
+        (out / "last.pth").write_bytes(np.random.default_rng(0).bytes(3000))
+    elif case == "folder without last.pth":
+        resume = out / "sub"
+        resume.mkdir(parents=True)
+    out.mkdir(exist_ok=True)
+    holder = open(out / ".lock", "w")
+    if case == "another run holds OUT":
+        holder.write("4242\n")
+        holder.flush()
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        code = run_main(name, tiny_argv(name, tiny_data, tiny_teacher, out, "--resume", resume))
+    finally:
+        holder.close()
+    message = assert_one_sentence(code, *needles)
+    assert "pickled code" not in message and len(message) < 400
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_ctrl_c_is_one_line(name, monkeypatch):
+    from common.ckpt import INTERRUPTED
+    module = __import__(name)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "run", interrupted)
+    assert run_main(name, ["--data", "demo"]) == INTERRUPTED
+
+
+@pytest.mark.parametrize("name", ["fkd", "bake", "meal_v2"])
+def test_init_of_another_architecture_or_a_folder(name, odd_data, tiny_data, tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in tiny_argv(name, tiny_data, tiny_teacher, tmp_path / "out") if a != "none"]
+    if "--init" in argv:
+        argv.remove("--init")
+    code = run_main(name, argv + ["--init", tiny_teacher])  # test_resnet weights, --arch test_efficientnet
+    assert_one_sentence(code, "holds test_resnet weights but --arch is test_efficientnet")
+    code = run_main(name, argv + ["--init", f"test_efficientnet={odd_data['dir']}"])
+    assert_one_sentence(code, "is a folder, not a weights file")
+
+
+def test_resume_with_changed_epochs_or_lr_is_refused_and_the_run_kept(tiny_data, tmp_path, monkeypatch):
+    # the issue's case: `--resume auto --epochs 4` on a 2-epoch run kept timm's t_initial of 2
+    # from the scheduler's state (epochs 3-4 at lr 0); now refused before anything is written
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    argv = tiny_argv("bake", tiny_data, None, out, "--epochs", "2")
+    assert run_main("bake", argv) == 0
+    before = (out / "last.pth").read_bytes(), (out / "metrics.jsonl").read_text()
+    for changed, needle in ((["--epochs", "4"], "--epochs 4 differs from the checkpoint's 2"),
+                            (["--lr", "0.5"], "--lr 0.5 differs from the checkpoint's")):
+        argv = tiny_argv("bake", tiny_data, None, out, "--epochs", "2", *changed, "--resume", "auto")
+        assert_one_sentence(run_main("bake", argv), needle)  # argparse: the last --epochs wins
+    assert ((out / "last.pth").read_bytes(), (out / "metrics.jsonl").read_text()) == before

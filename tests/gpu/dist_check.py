@@ -121,23 +121,32 @@ def check_syncbn(ctx):
     return f"{layers} SyncBatchNorm layers, outputs equal before/after, DDP backward finite"
 
 
+def run_checks(ctx):
+    """Run every check in an initialized process group; returns (lines, number failed)."""
+    checks = [("collectives", check_collectives), ("evaluate", check_evaluate),
+              ("ddp step float16", lambda c: check_ddp_step(c, "float16")),
+              ("ddp step bfloat16", lambda c: check_ddp_step(c, "bfloat16"))]
+    if ctx.device.type == "cuda":
+        checks.append(("syncbn", check_syncbn))
+    lines, failed = [], 0
+    for name, check in checks:
+        try:
+            lines.append(f"ok   {name}: {check(ctx)}")
+        except Exception as error:  # report every check, not only the first failure
+            failed += 1
+            lines.append(f"FAIL {name} (rank {ctx.rank}): {type(error).__name__}: {error}")
+    return lines, failed
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     args = p.parse_args()
     ctx = start(args.device)
-    checks = [("collectives", check_collectives), ("evaluate", check_evaluate),
-              ("ddp step float16", lambda c: check_ddp_step(c, "float16")),
-              ("ddp step bfloat16", lambda c: check_ddp_step(c, "bfloat16"))]
-    if args.device == "cuda":
-        checks.append(("syncbn", check_syncbn))
-    failed = 0
-    for name, check in checks:
-        try:
-            ctx.print(f"ok   {name}: {check(ctx)}")
-        except Exception as error:  # report every check, not only the first failure
-            failed += 1
-            print(f"FAIL {name} (rank {ctx.rank}): {type(error).__name__}: {error}", flush=True)
+    lines, failed = run_checks(ctx)
+    for line in lines:
+        if ctx.main or line.startswith("FAIL"):
+            print(line, flush=True)
     dist.destroy_process_group()
     sys.exit(1 if failed else 0)
 
