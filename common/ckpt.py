@@ -134,6 +134,12 @@ def release_out(out):
         handle.close()  # closing the last descriptor releases the flock
 
 
+def release_all():
+    """Release every output-folder lock this process holds (the end of a run: common.dist.cleanup)."""
+    for key in list(_held_locks):
+        _held_locks.pop(key).close()
+
+
 def _run_key(name):
     match = RUN_NAME.fullmatch(name)
     return (match.group(1), int(match.group(2) or 0)) if match else None

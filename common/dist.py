@@ -199,6 +199,9 @@ def cpu_threads(device, world, environ):
 
 
 def cleanup():
+    """The end of a run: leave the process group, release the output folder's lock."""
+    from .ckpt import release_all  # imported here: ckpt builds on models, dist on nothing of ours
+    release_all()
     if dist.is_initialized():
         dist.destroy_process_group()
 

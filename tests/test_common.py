@@ -286,6 +286,11 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
     assert lock_out(str(tmp_path)) is None and lock_out(str(tmp_path)) is None  # free, then re-entrant
     assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
     release_out(str(tmp_path))
+    lock_out(str(tmp_path))
+    from common.dist import cleanup
+    cleanup()  # the end of every script's main(): the next run may use OUT
+    with open(tmp_path / ".lock") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_resume_on_a_rank_without_the_checkpoint_names_the_shared_filesystem(tmp_path):
