@@ -285,21 +285,6 @@ def make_optimizer(name, groups, lr, momentum=0.9, nesterov=False):
     raise ValueError(f"unknown optimizer {name!r}; choose sgd or adamw")
 
 
-class FeaturesAndLogits(nn.Module):
-    """Wrap a timm classifier so one forward returns (pooled penultimate features, logits).
-
-    A module (not a helper function) so DistributedDataParallel sees the whole forward.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        return pooled, self.model.get_classifier()(pooled)
-
-
 @torch.no_grad()
 def teacher_logits(teachers, views_per_teacher, amp=False):
     """Each teacher's logits on the same crops; views_per_teacher[t] holds the crops resized for
