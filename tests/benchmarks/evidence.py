@@ -186,6 +186,18 @@ def command(args, method, run, runs, seed):
             "--overwrite", *flags], flags
 
 
+def code_version(script):
+    """The commit the method file ran from, "+modified" when it or common/ differed from it."""
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", script, "common"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+modified" if changed else "")
+
+
 def finals_line(run, out):
     finals = []
     for label, (subs, key) in run.series.items():
@@ -223,7 +235,7 @@ def execute(args, method, run, runs, seed):
               flush=True)
         return False
     with open(marker, "w") as f:
-        json.dump({"command": cmd[1:], "flags": flags, "wall": wall,
+        json.dump({"command": cmd[1:], "flags": flags, "wall": wall, "code": code_version(run.script),
                    "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}, f, indent=1)
     print(f"{tag}: done in {wall:.0f}s{finals_line(run, out)}", flush=True)
@@ -268,7 +280,7 @@ def collect(args, method):
                     entry["seeds"][str(seed)] = {
                         "epochs": epochs, "top1": values, "final": values[-1], "best": max(values),
                         "train_time": sum(r.get("train_time", 0.0) for r in records),
-                        "wall": done["wall"], "command": short}
+                        "wall": done["wall"], "command": short, "code": done.get("code")}
             for label, (subs, key) in run.references.items():
                 path = locate(out, subs, "summary.json")
                 value = json.load(open(path)).get(key) if path else None
@@ -298,7 +310,8 @@ def fmt(value, digits=2):
 def tables(method, result, seeds):
     """Markdown: final top-1 per run (mean ± std, per seed, times), then the paired comparisons."""
     per = " / ".join(str(s) for s in seeds)
-    lines = [f"### {TITLES[method]}", "",
+    codes = sorted({r.get("code") or "?" for e in result["series"].values() for r in e["seeds"].values()})
+    lines = [f"### {TITLES[method]}, code at commit {', '.join(codes)}", "",
              f"| run | final top-1, mean ± std | per seed ({per}) | train s | wall s | command |",
              "|---|---|---|---|---|---|"]
     for label, entry in result["series"].items():
