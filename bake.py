@@ -529,7 +529,7 @@ def train(args, ctx, train_items, val_sets, out):
                 prepare_images(batch, cfg, ctx.device, lighting, args.lighting, noise)
                 for batch, _ in itertools.islice(data, precise_batches)))
         for name, val_loader in val_sets.items():
-            result = evaluate(unwrap(net).model, val_loader, ctx, cfg["mean"], cfg["std"], args.amp,
+            result = evaluate(unwrap(net).model, val_loader, ctx, cfg["mean"], cfg["std"], args,
                               desc=name)
             metrics.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],
                             f"{name}_count": result["count"]})
@@ -627,7 +627,7 @@ def parse_args(argv=None):
 
 
 def check_args(args, ctx):
-    """Refuse what the flags cannot mean, in one sentence, before any work."""
+    """Refuse what the flags cannot mean together, in one sentence, before any work."""
     group = ctx.world * (args.per_class + 1)
     if args.batch_size % group:
         raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of processes x (M + 1)"
@@ -639,8 +639,10 @@ def main(argv=None):
     args = parse_args(argv)
     ctx = setup(args.device)
     try:
-        check_args(args, ctx)
-        run(args, argv, ctx)
+        runs = runs_of(args, argv)
+        for _, run_args in runs:
+            check_args(run_args, ctx)
+        run(args, runs, ctx)
     except (DataError, ModelError, FloatingPointError) as error:
         raise SystemExit(f"error: {error}")
     except KeyboardInterrupt:
@@ -658,7 +660,8 @@ def runs_of(args, argv):
     return runs
 
 
-def run(args, argv, ctx):
+def run(args, runs, ctx):
+    """Load the data once, train each of `runs` (one, or the demo's two) into OUT, summarize."""
     start = time.time()
     root = demo.ensure_data(ctx) if args.data == "demo" else args.data
     train_set = training_images(root, args, ctx.rank)
@@ -669,7 +672,6 @@ def run(args, argv, ctx):
     for i, extra in enumerate(args.val_data):
         val_sets[f"extra{i}"] = eval_loader(image_folder(extra, "", val_transform, classes),
                                             args.batch_size, args.workers, ctx)
-    runs = runs_of(args, argv)
     base = f"runs/bake_{args.recipe}" + ("_baseline" if args.baseline else "")
     out = ckpt.resolve_out(args.out, base, ctx, args.resume)
     results = {}

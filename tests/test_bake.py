@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import bake
+from common.dist import Context
 from conftest import run_script, torchrun
 
 
@@ -380,6 +381,13 @@ def test_bad_flag_values_are_refused_at_parse_time(flag, value, capsys):
     with pytest.raises(SystemExit):
         bake.parse_args(["--data", "/x", f"{flag}={value}"])
     assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_batch_that_cannot_hold_whole_tuples_is_refused():
+    args = bake.parse_args(["--data", "/x", "--batch-size", "512"])
+    bake.check_args(args, Context(world=8))
+    with pytest.raises(SystemExit, match=r"--batch-size 512 must be a multiple of processes x \(M \+ 1\) = 3 x 2"):
+        bake.check_args(args, Context(world=3))
 
 
 def test_two_ranks_see_different_crops_of_the_same_image(tiny_data):
