@@ -161,37 +161,27 @@ def bench_frskd(args, device, classes, scaler, autocast):
 
 
 def bench_meal(args, device, x, classes, scaler, autocast):
-    student, optimizer = setup_model(timm.create_model(args.student, num_classes=classes), device)
+    """meal_v2.meal_step as trained (official cooperative rule: student and discriminator under one
+    optimizer, one backward), fed from a store (--labels) or from two teachers' forward (online)."""
+    student, _ = setup_model(timm.create_model(args.student, num_classes=classes), device)
     disc = meal_v2.Discriminator(classes).to(device)
-    d_optimizer = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.999))
+    optimizer = torch.optim.SGD(list(student.parameters()) + list(disc.parameters()), lr=0.01, momentum=0.9)
     teachers = [timm.create_model(name, num_classes=classes).to(device).eval().requires_grad_(False)
                 for name in (args.teacher, args.teacher2)]
     indices, values = encode(torch.softmax(torch.randn(len(x), classes, device=device), 1), "ms", 5)
 
-    def step(targets_fn):
-        def run():
-            targets = targets_fn()
-            with autocast():
-                logits = student(x).float()
-            probs = F.softmax(logits, 1)
-            d_loss = meal_v2.discriminator_loss(disc, targets, probs.detach())
-            d_optimizer.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_optimizer.step()
-            disc.requires_grad_(False)
-            fake = disc(probs)
-            loss = meal_v2.soft_cross_entropy(logits, targets) + F.binary_cross_entropy_with_logits(
-                fake, torch.ones_like(fake))
-            disc.requires_grad_(True)
-            sgd_step(student, loss, optimizer, scaler)
-        return run
+    def labels_step():  # the stored p_e is both the target and the discriminator's teacher side
+        targets = decode(indices, values, "ms", classes)
+        meal_v2.meal_step(student, disc, optimizer, scaler, x, targets, targets,
+                          student_side=lambda logits: F.softmax(logits, 1), autocast=autocast())
 
-    def online_targets():
+    def online_step():  # official online: the discriminator sees logits, the teachers' mean logits
         with torch.no_grad(), autocast():
-            return ensemble_probs([t(x).float() for t in teachers])
+            logits = [t(x).float() for t in teachers]
+        meal_v2.meal_step(student, disc, optimizer, scaler, x, ensemble_probs(logits),
+                          torch.stack(logits).mean(0), autocast=autocast())
 
-    t = compare({"--labels": step(lambda: decode(indices, values, "ms", classes)), "online": step(online_targets)},
-                device, args.repeats)
+    t = compare({"--labels": labels_step, "online": online_step}, device, args.repeats)
     return t, {"MEAL V2 online / --labels step": t["online"] / t["--labels"]}
 
 
