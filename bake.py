@@ -87,7 +87,8 @@ def bake_soft_targets(features, logits, omega=0.5, temperature=4.0):
         f = F.normalize(features.float(), dim=1)  # Eq. 3: sigma(f) = f / ||f||
         eye = torch.eye(n, device=f.device)
         # Eq. 3-4: A(i, j) = sigma(f_i)^T sigma(f_j), diagonal discarded, row softmax over j != i
-        # (as the official code: -1e9 on the diagonal before the softmax; no temperature on A)
+        # (as the official code: -1e9 on the diagonal before the softmax, where Algorithm 1 prints
+        # 1e-9, which would keep the diagonal; no temperature on A)
         affinity = F.softmax(f @ f.t() - 1e9 * eye, dim=1)
         # Eq. 9: Q = (1 - w)(I - w A)^-1 P, a linear solve instead of the official explicit inverse;
         # solve_ex(check_errors=False) does not wait for the GPU to report singularity
@@ -403,6 +404,7 @@ def train_transform_of(args):
             transforms.RandomCrop(args.input_size, padding=4),
             transforms.RandomHorizontalFlip(),
             transforms.PILToTensor()])
+    # torchvision's RandomResizedCrop (log-uniform aspect ratio, PIL); pycls: uniform ratio + swap, OpenCV
     return train_transform(args.input_size, interpolation=args.interpolation)
 
 
