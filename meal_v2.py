@@ -91,12 +91,15 @@ class Discriminator(nn.Module):
     on a 1x1 map). Its two outputs are scored by BCE-with-logits against [1, 0] for student rows
     and [0, 1] for teacher rows (discriminator_loss). The last ReLU floors both outputs at 0,
     i.e. at probability 0.5, so a row's "0" target costs at least log 2; its "1" output still
-    grows, and the larger output tells student from teachers."""
+    grows, and the larger output tells student from teachers. An input whose two outputs are both
+    0 passes no gradient; a head where that holds for every input is dead (its loss stays log 2).
+    Below 1000 classes the hidden widths stay >= 32 and 15: narrower heads (2 and 2 for the demo's
+    10 classes) were often dead from initialization."""
 
     def __init__(self, num_classes, shrink=8):
         super().__init__()
-        hidden1 = max(num_classes // shrink, 2)  # 1000 -> 125 (widths >= 2 for small class counts)
-        hidden2 = max(hidden1 // shrink, 2)  # 125 -> 15
+        hidden1 = max(num_classes // shrink, 32)  # 1000 -> 125
+        hidden2 = max(hidden1 // shrink, 15)  # 125 -> 15
         self.layers = nn.Sequential(nn.Linear(num_classes, hidden1), nn.ReLU(),
                                     nn.Linear(hidden1, hidden2), nn.ReLU(),
                                     nn.Linear(hidden2, 2), nn.ReLU())
@@ -364,6 +367,9 @@ def train(args, ctx, train_set, val_sets, store, teachers, model, discriminator,
             sums += torch.stack([loss * n, kd * n, d_loss * n, hits]).double()  # stays on the device
         seen, loss_sum, kd_sum, d_sum, correct = ctx.all_reduce_sum([seen] + sums.tolist())  # one sync
         ckpt.check_finite(loss_sum, epoch, args.out)
+        if discriminator is not None and abs(d_sum / seen - math.log(2)) < 1e-6:
+            ctx.print("note: the discriminator's two outputs were 0 for every input in this pass (the "
+                      "official head's last ReLU): it passed no gradient")
         position += m
         metrics = {"epoch": epoch + m, "crops_per_image": m, "lr": optimizer.param_groups[0]["lr"],
                    "train_loss": loss_sum / seen, "train_kd": kd_sum / seen, "train_disc": d_sum / seen,
@@ -574,9 +580,10 @@ def run(args, ctx):
     store = open_store(args, train_set, args.teacher, ctx) if args.labels else None
     with seeded(args.seed):  # a random init (or a new head) depends on the seed alone
         student, extra = create(spec, num_classes, pretrained_head="none" if args.init == "none" else "reset")
-    ctx.print("student " + describe_data_config(extra) + f"; trained at {args.input_size} px bilinear")
     cfg = dict(extra["data_config"], input_size=args.input_size, crop_pct=args.crop_pct,
-               interpolation="bilinear")
+               interpolation="bilinear")  # the official protocol: bilinear crops, resize 256 / crop 224
+    ctx.print("student " + describe_data_config(dict(extra, data_config=cfg, data_config_source=(
+        f"--input-size/--crop-pct, mean/std from {extra['data_config_source']}"))))
     if args.eval_only:
         result = evaluate(student.to(ctx.device), val_sets["val"], ctx, cfg["mean"], cfg["std"], args)
         ctx.print(f"eval {spec}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "

@@ -123,7 +123,8 @@ def test_discriminator_is_the_official_head():
     with torch.no_grad():
         ours.layers[-2].bias.fill_(-100.0)
     assert (ours(x) == 0).all()  # the last ReLU floors both outputs at 0 (probability 0.5)
-    assert meal_v2.Discriminator(3)(torch.randn(2, 3)).shape == (2, 2)  # widths stay >= 2
+    small = meal_v2.Discriminator(10)  # the demo's 10 classes: widths stay >= 32 and 15
+    assert [layer.out_features for layer in small.layers if isinstance(layer, nn.Linear)] == [32, 15, 2]
 
 
 def test_discriminator_loss_official_targets():
