@@ -114,7 +114,7 @@ def bake_loss(logits, labels, soft_targets, lam=1.0, temperature=4.0):
         return ce, ce, torch.zeros_like(ce)
     kd = temperature ** 2 * F.kl_div(F.log_softmax(logits / temperature, dim=1), soft_targets,
                                      reduction="batchmean")
-    return ce + lam * kd, ce, kd
+    return ce + lam * kd, ce, kd  # Eq. 2: L = CE + lambda T^2 KL(Q || p^T)
 
 
 def gather_rows(tensor):
