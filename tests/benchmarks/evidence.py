@@ -98,8 +98,10 @@ def bake_plan():
     return runs, [
         Comparison(bake, vanilla, "sampler, images per step, steps, epochs, schedule: only the "
                                   "ensembled KD term differs"),
-        Comparison(bake, double, "images seen (a BAKE epoch = anchors + same-class companions)"),
-        Comparison(bake, same_epochs, "epochs only: the baseline sees half the images"),
+        Comparison(bake, double, "images seen (a BAKE epoch = anchors + same-class companions); "
+                                 "the baseline takes twice the steps at its half batch"),
+        Comparison(bake, same_epochs, "epochs and steps; the baseline's batch is half (the paper's "
+                                      "vanilla batch): half the images"),
     ]
 
 
