@@ -1,7 +1,10 @@
-"""Random-resized-crop sampling that depends only on (seed, image index, stream), and exact replay.
+"""Random-resized-crop sampling that depends only on (seed, image index, stream, crop index), and
+exact replay.
 
 A crop is an integer pixel box of the original image (top, left, height, width) plus a flip bit,
 so the label-generation phase and the training phase cut exactly the same region (FKD Sec. 3.1).
+Replay is crop-then-resize, the same pixels as torchvision's `resized_crop` on a PIL image, which
+is what the official code runs in both phases.
 """
 import math
 
@@ -12,22 +15,33 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before falling back to a center crop
+CHUNK = 64  # crops drawn per random stream: crop i comes from chunk i // CHUNK, row i % CHUNK
+
+
+def _draws(seed, index, stream, num_crops):
+    """Uniform draws of crops 0 .. num_crops-1; crop i's row depends on (seed, index, stream, i)
+    alone, so stores with M = 200 and M = 500 share their first 200 crops."""
+    parts = []
+    for chunk in range(math.ceil(num_crops / CHUNK)):
+        rng = np.random.default_rng([seed, index, stream, chunk])
+        parts.append(rng.random((CHUNK, 2 * ATTEMPTS + 3)))
+    return np.concatenate(parts)[:num_crops]
 
 
 def sample_crops(seed, index, width, height, num_crops, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                  stream=0):
     """Sample `num_crops` RandomResizedCrop boxes and flips for one image.
 
-    The result depends only on (seed, index, stream) and the image size: never on worker count,
-    shuffle order or restarts. Same distribution as torchvision.transforms.RandomResizedCrop.
+    Crop i depends only on (seed, index, stream, i) and the image size: never on the number of
+    crops asked for, worker count, shuffle order or restarts. Same distribution as
+    torchvision.transforms.RandomResizedCrop + RandomHorizontalFlip.
     Returns boxes int64 [num_crops, 4] as (top, left, height, width) and flips bool [num_crops].
     """
-    rng = np.random.default_rng([seed, index, stream])
-    # All draws have fixed shapes, so crop i's box never depends on how many attempts crop j needed.
-    area_frac = rng.uniform(scale[0], scale[1], size=(num_crops, ATTEMPTS))
-    log_ratio = rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(num_crops, ATTEMPTS))
-    pos = rng.random(size=(num_crops, 2))
-    flips = rng.random(num_crops) < 0.5
+    u = _draws(seed, index, stream, num_crops)
+    # Every crop has a fixed number of draws, so crop i never depends on crop j's attempts.
+    area_frac = scale[0] + (scale[1] - scale[0]) * u[:, :ATTEMPTS]
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, ATTEMPTS:2 * ATTEMPTS]
+    pos, flips = u[:, 2 * ATTEMPTS:2 * ATTEMPTS + 2], u[:, -1] < 0.5
 
     area = width * height * area_frac
     aspect = np.exp(log_ratio)
@@ -64,8 +78,10 @@ PIL_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic":
 def replay_crops(image, boxes, flips, size, interpolation="bilinear"):
     """Cut the recorded boxes out of an image, resize each to size x size, apply its flip.
 
-    `image`: a PIL RGB image (the fast path used by every loader: PIL's SIMD crop-and-resize in one
-    call, ~30x faster than resizing uint8 tensors on CPU) or a uint8 CHW tensor on any device.
+    `image`: a PIL RGB image (the path every loader uses: crop, then PIL's resize, the same bytes as
+    torchvision's `resized_crop` on PIL, which the official code runs; resizing with
+    `resize(box=...)` instead would let the filter read pixels outside the box at its borders)
+    or a uint8 CHW tensor on any device (torchvision's antialiased tensor resize).
     Returns uint8 [len(boxes), C, size, size]. The same input always gives the same bytes, so label
     generation and training see identical crops.
     """
@@ -73,7 +89,7 @@ def replay_crops(image, boxes, flips, size, interpolation="bilinear"):
     if isinstance(image, Image.Image):
         out = torch.empty((len(boxes), 3, size, size), dtype=torch.uint8)
         for i, (top, left, h, w) in enumerate(boxes):
-            crop = image.resize((size, size), PIL_RESAMPLE[interpolation], box=(left, top, left + w, top + h))
+            crop = image.crop((left, top, left + w, top + h)).resize((size, size), PIL_RESAMPLE[interpolation])
             if flips[i]:
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
             out[i] = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)

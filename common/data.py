@@ -137,6 +137,15 @@ class TaggedSampler(Sampler):
         return len(self.sampler)
 
 
+def item_and_tag(item, dataset):
+    """(index, tag) items from TaggedSampler; a plain index is refused with what to pass."""
+    if not isinstance(item, tuple):
+        raise TypeError(f"{dataset} takes (image index, pass tag) items so that every pass draws other "
+                        f"crops: wrap the sampler in common.data.TaggedSampler and call "
+                        f"sampler.set_epoch(epoch, tag) before each pass")
+    return item
+
+
 class SeededItems(Dataset):
     """Item (index, epoch) -> dataset[index] with torch's and python's RNGs seeded from
     (seed, rank, epoch, index) for that one call, the caller's streams left untouched.
@@ -253,20 +262,29 @@ def mix_batch(images, targets, mixup_alpha, cutmix_alpha, generator):
 
 class FreshCrops(Dataset):
     """Item (image n, epoch) -> m new random crops at the student's size (and at each teacher's
-    size for online KD). Baselines: the same pipeline without stored labels."""
+    size for online KD). Baselines: the same pipeline without stored labels.
 
-    def __init__(self, samples, m, size, interpolation, views, scale, ratio, seed):
+    Use with TaggedSampler(sampler) and `sampler.set_epoch(epoch, epoch)`: the crops depend on
+    (seed, n, epoch) alone. `augment(crops, generator)`: an optional random op on the uint8 crops
+    (e.g. colour jitter), applied with the same draws to the student's crops and every teacher view.
+    """
+
+    def __init__(self, samples, m, size, interpolation, views, scale, ratio, seed, augment=None):
         self.samples, self.m, self.size, self.interp = samples, m, size, interpolation
-        self.views, self.scale, self.ratio, self.seed = views, scale, ratio, seed
+        self.views, self.scale, self.ratio, self.seed, self.augment = views, scale, ratio, seed, augment
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, item):
-        n, epoch = item
+        n, epoch = item_and_tag(item, "FreshCrops")
         image = load_rgb(self.samples[n][0])
         boxes, flips = sample_crops(self.seed, n, image.width, image.height, self.m,
                                     self.scale, self.ratio, stream=1 + epoch)
         crops = replay_crops(image, boxes, flips, self.size, self.interp)
         views = [replay_crops(image, boxes, flips, s, i) for s, i in self.views]
+        if self.augment is not None:
+            seed = derive_seed(self.seed, n, 3, epoch)
+            crops = self.augment(crops, torch.Generator().manual_seed(seed))
+            views = [self.augment(v, torch.Generator().manual_seed(seed)) for v in views]
         return crops, views, self.samples[n][1]

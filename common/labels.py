@@ -1,7 +1,7 @@
 """FKD soft-label codecs (Sec. 3.5, Eq. 3-7) and the label store.
 
-Codecs, vectorized over a batch of crops (torch, any device):
-  full    all C probabilities (float32; or pre-softmax logits for the SSL variant, Sec. 3.4)
+Codecs, vectorized over a batch of crops (torch, any device); p is the ensemble's probabilities:
+  full    all C probabilities (float32; or pre-softmax outputs for the SSL variant, Sec. 3.4)
   hard    argmax class (Eq. 3)
   smooth  argmax class + its probability, the rest spread uniformly (Eq. 4)
   ms      marginal smoothing: top-K probabilities, the remaining mass spread uniformly (Eq. 5)
@@ -12,41 +12,63 @@ allow_pickle=False (no pickle anywhere), so any DataLoader worker reads any crop
   boxes   [N, M, 4] uint16  crop (top, left, height, width) in pixels of the original image
   flips   [N, M]    uint8   horizontal flip bit
   indices [N, M, K] uint16  class indices (hard/smooth: K = 1; ms/mr: top-K; absent for full)
-  values  [N, M, K] float16 probabilities (smooth/ms/mr); full: [N, M, C] float32
+  values  [N, M, K] float16 probabilities (smooth/ms/mr); full: [N, M, D] float32
+  sizes   [N, 2]    uint16  (width, height) of each image when it was labelled: a replaced or
+                            resized image is refused instead of being cut with stale boxes
   done    [N]       uint8   set only after the image's rows are flushed to disk
+
+meta.json holds the layout (format_version, codec, k, num_crops M, num_classes, label_dim D,
+num_images) and the identity of the labels: everything that decides their bytes (IDENTITY below:
+images, classes, teachers by name + sha256, crop scale/ratio, seed, codec, K, temperature,
+probs/logits). Every path that opens a store compares it with `check_matches`, naming each field
+that differs. `label_dim` is the width of a `full` store's rows: the class count for probabilities,
+any width for the SSL variant's logits (e.g. a 128-d projection head). A logits store records no
+temperature: T is chosen at training time (Sec. 3.4). An imported store (common/released.py)
+carries `meta["imported"]`, teachers [{"name": "released", "sha256": None}] and crop_scale,
+crop_ratio, seed None.
 """
+import errno
 import hashlib
 import json
 import os
+import shutil
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .crops import replay_crops
-from .data import load_rgb
+from .data import item_and_tag, load_rgb
+from .dist import derive_seed
+from .models import parse_spec
 
 CODECS = ("full", "hard", "smooth", "ms", "mr")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sizes.npy, label_dim, identity of teachers/crops/seed checked everywhere
+REQUIRED = ("format_version", "codec", "k", "num_crops", "num_classes", "num_images", "stores")
 
 
-def codec_width(codec, k, num_classes):
+def codec_width(codec, k, label_dim):
     """Number of stored indices/values per crop."""
-    return {"full": num_classes, "hard": 1, "smooth": 1, "ms": k, "mr": k}[codec]
+    return {"full": label_dim, "hard": 1, "smooth": 1, "ms": k, "mr": k}[codec]
 
 
 def encode(probs, codec, k=5):
-    """Compress probabilities [B, C] -> (indices [B, K] or None, values [B, K] or None)."""
+    """Compress probabilities [B, C] (the ensemble's, Sec. 3.1) -> (indices [B, K] or None,
+    values [B, K] or None)."""
     if codec == "full":
         return None, probs.float()
     if codec == "hard":
-        return probs.argmax(dim=1, keepdim=True), None  # Eq. 3: Y_H = argmax_c z(c)
+        # Eq. 3: Y_H = argmax_c z(c); with several teachers: argmax of the *ensemble probabilities*
+        # (the same class as the logits' argmax for one teacher)
+        return probs.argmax(dim=1, keepdim=True), None
     if codec == "smooth":
-        top_value, top_index = probs.max(dim=1, keepdim=True)
+        top_value, top_index = probs.max(dim=1, keepdim=True)  # Eq. 4: keep p_c of the hard label
         return top_index, top_value.half()
     if codec in ("ms", "mr"):
-        top_values, top_indices = probs.topk(k, dim=1)
+        top_values, top_indices = probs.topk(k, dim=1)  # Eq. 5 / Eq. 6: keep p_c of the top-K
         return top_indices, top_values.half()
     raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 
@@ -54,15 +76,16 @@ def encode(probs, codec, k=5):
 def decode(indices, values, codec, num_classes, logits_temperature=None):
     """Expand stored rows back to dense soft labels [B, C] (float32), on the rows' device.
 
-    `logits_temperature`: for a `full` store of pre-softmax logits (SSL variant), the temperature
-    of the softmax applied here at training time.
+    `num_classes`: the label width (a full logits store: its label_dim). `logits_temperature`:
+    for a `full` store of pre-softmax outputs (SSL variant), the temperature of the softmax applied
+    here at training time.
     """
     if codec == "full":
         values = values.float()
         return F.softmax(values / logits_temperature, dim=1) if logits_temperature else values
     indices = indices.long()
     batch = indices.shape[0]
-    if codec == "hard":
+    if codec == "hard":  # Eq. 3: one-hot of the stored argmax
         return torch.zeros(batch, num_classes, device=indices.device).scatter_(1, indices, 1.0)
     values = values.float()
     if codec == "smooth":
@@ -82,12 +105,125 @@ def decode(indices, values, codec, num_classes, logits_temperature=None):
     raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
+# ------------------------------------------------------------------------------------------------
+# Identity: what decides a store's bytes
+# ------------------------------------------------------------------------------------------------
 def image_list_hash(samples, root):
     """sha256 of the ordered (relative path, class index) list: ties a store to its images."""
     digest = hashlib.sha256()
     for path, target in samples:
         digest.update(f"{os.path.relpath(path, root)}\t{target}\n".encode())
     return digest.hexdigest()
+
+
+_FILE_HASHES = {}
+
+
+def _file_sha256(path):
+    """sha256 of a file, remembered per (path, size, mtime) so a teacher file is read once."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_HASHES[key] = digest.hexdigest()
+    return _FILE_HASHES[key]
+
+
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct")
+
+
+def teacher_identity(specs):
+    """[{"name", "sha256"}] of teacher specs, without loading a model: NAME=PATH gives the sha256
+    of the local file, a timm tag gives None (the tag names its weights). A store's meta records
+    its teachers in the same form plus their data configs; a data config given in the spec
+    (`NAME=PATH?input_size=32`) is part of the identity too."""
+    out = []
+    for spec in specs:
+        name, path = parse_spec(spec)
+        entry = {"name": name, "sha256": _file_sha256(path) if path and os.path.isfile(path) else None}
+        query = spec.rpartition("?")[2] if "?" in (path or "") else ""
+        for item in filter(None, query.split("&")):
+            key, _, text = item.partition("=")
+            if key in DATA_CONFIG_KEYS:
+                entry[key] = int(text) if key == "input_size" and text.isdigit() else \
+                    [float(v) for v in text.split(",")] if key in ("mean", "std") else \
+                    float(text) if key == "crop_pct" else text
+        out.append(entry)
+    return out
+
+
+def label_identity(train_set, teachers, codec, k, num_crops, crop_scale, crop_ratio, temperature,
+                   stores, seed, label_dim=None):
+    """The meta of a store generated for `train_set` (an ImageFolder) with these settings.
+
+    `teachers`: dicts with "name" and "sha256" (teacher_identity), optionally their data configs.
+    A logits store (SSL variant) records temperature None: T is applied at training time.
+    """
+    num_classes = len(train_set.classes)
+    return {
+        "codec": codec, "k": k if codec in ("ms", "mr") else 1, "num_crops": num_crops,
+        "num_classes": num_classes, "label_dim": label_dim or num_classes,
+        "num_images": len(train_set), "image_list_sha256": image_list_hash(train_set.samples, train_set.root),
+        "classes_sha256": image_list_hash([(c, i) for i, c in enumerate(train_set.classes)], ""),
+        "teachers": [dict(t) for t in teachers],
+        "crop_scale": [float(v) for v in crop_scale], "crop_ratio": [float(v) for v in crop_ratio],
+        "temperature": None if stores == "logits" else float(temperature), "stores": stores,
+        "seed": seed,
+    }
+
+
+def identity_digest(meta, keys=None):
+    """Short hash of identity fields: names a default store folder per data set and settings."""
+    keys = keys or [k for k in IDENTITY if k in meta]
+    text = json.dumps({k: _comparable(k, meta.get(k)) for k in keys}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _same_teachers(stored, expected):
+    """Teachers match by name and file hash, and by every data-config key both sides record."""
+    if stored is None or expected is None or len(stored) != len(expected):
+        return stored == expected
+    for a, b in zip(stored, expected):
+        if (a.get("name"), a.get("sha256")) != (b.get("name"), b.get("sha256")):
+            return False
+        if any(key in a and key in b and a[key] != b[key] for key in DATA_CONFIG_KEYS):
+            return False
+    return True
+
+
+def _comparable(key, value):
+    if key == "teachers" and value is not None:
+        return [(t.get("name"), t.get("sha256"), *sorted((k, repr(t[k])) for k in DATA_CONFIG_KEYS if k in t))
+                for t in value]
+    if key in ("crop_scale", "crop_ratio") and value is not None:
+        return [float(v) for v in value]
+    if key == "temperature" and value is not None:
+        return float(value)
+    return value
+
+
+def _shown(key, value):
+    if key == "teachers" and value is not None:
+        def one(t):
+            return f"{t.get('name')} ({'sha256 ' + t['sha256'][:12] if t.get('sha256') else 'timm weights'})"
+        return "[" + ", ".join(one(t) for t in value) + "]"
+    if isinstance(value, str) and len(value) == 64:  # a sha256
+        return value[:12]
+    if key in ("crop_scale", "crop_ratio") and value is not None:
+        return "(" + ", ".join(f"{float(v):.4g}" for v in value) + ")"
+    return repr(value)
+
+
+# fields that decide a store's bytes, checked by every path that opens a store
+IDENTITY = ("num_images", "image_list_sha256", "num_classes", "classes_sha256", "label_dim", "teachers",
+            "crop_scale", "crop_ratio", "seed", "num_crops", "codec", "k", "temperature", "stores")
+
+
+def _diff_text(diffs):
+    return "; ".join(f"{key}: store {_shown(key, a)}, this run {_shown(key, b)}" for key, a, b in diffs)
 
 
 class StoreError(ValueError):
@@ -103,6 +239,35 @@ def _write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
+def human_bytes(n):
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+
+
+def free_bytes(path):
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def _reserve(fd, size):
+    """Reserve the file's blocks (a full disk fails now, not mid-run). Where posix_fallocate does not
+    exist (macOS) or the filesystem does not support it, the file stays sparse: the caller checked
+    the free space before."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        return
+    try:
+        fallocate(fd, 0, size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+            raise
+
+
 class LabelStore:
     """Region-level soft labels of N images x M crops; see the module docstring for the layout.
 
@@ -110,9 +275,7 @@ class LabelStore:
     memory maps in each worker.
     """
 
-    # meta fields that must match between the store and the run that uses it
-    IDENTITY = ("num_images", "image_list_sha256", "num_classes", "codec", "k", "stores",
-                "temperature")
+    IDENTITY = IDENTITY
 
     def __init__(self, path, meta, writable=False):
         self.path, self.meta, self.writable = path, meta, writable
@@ -122,10 +285,11 @@ class LabelStore:
     @staticmethod
     def array_specs(meta):
         n, m, c = meta["num_images"], meta["num_crops"], meta["num_classes"]
-        width = codec_width(meta["codec"], meta["k"], c)
+        width = codec_width(meta["codec"], meta["k"], meta.get("label_dim") or c)
         specs = {
             "boxes": ((n, m, 4), "uint16"),
             "flips": ((n, m), "uint8"),
+            "sizes": ((n, 2), "uint16"),
             "done": ((n,), "uint8"),
         }
         if meta["codec"] != "full":
@@ -134,34 +298,77 @@ class LabelStore:
             specs["values"] = ((n, m, width), "float32" if meta["codec"] == "full" else "float16")
         return specs
 
+    @classmethod
+    def planned_bytes(cls, meta):
+        """Bytes the store's arrays take on disk (data + .npy headers)."""
+        return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize + 128
+                   for shape, dtype in cls.array_specs(meta).values())
+
+    def bytes_on_disk(self):
+        return sum(os.path.getsize(os.path.join(self.path, f"{name}.npy"))
+                   for name in self.array_specs(self.meta))
+
     def bytes_per_crop(self):
-        n, m = self.meta["num_images"], self.meta["num_crops"]
-        total = sum(os.path.getsize(os.path.join(self.path, f"{name}.npy"))
-                    for name in self.array_specs(self.meta))
-        return total / (n * m)
+        return self.bytes_on_disk() / (self.meta["num_images"] * self.meta["num_crops"])
 
     # -- create / open ---------------------------------------------------------------------------
+    @staticmethod
+    def is_store(path):
+        return os.path.isfile(os.path.join(path, "meta.json"))
+
     @classmethod
-    def create(cls, path, meta):
-        """Preallocate all arrays on disk (so a full disk fails here, not in the middle of a run),
-        then write meta.json last: a store without meta.json is incomplete and gets recreated."""
+    def create(cls, path, meta, replace=False):
+        """Preallocate all arrays on disk (so a full disk fails here, not in the middle of a run).
+
+        Only in a new or empty folder, or (replace=True) over a store: a folder holding anything
+        else is refused, never overwritten. meta.json is written first with state "allocating" and
+        again with state "ready" once every array exists: an interrupted creation is recognised
+        and made again by the same command."""
         if meta["codec"] not in CODECS:
             raise StoreError(f"unknown codec {meta['codec']!r}; choose one of {', '.join(CODECS)}")
-        meta = dict(meta, format_version=FORMAT_VERSION)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise StoreError(f"--labels {path} is a file, not a folder; pass a new or empty folder")
+        if os.path.isdir(path) and os.listdir(path):
+            if not cls.is_store(path):
+                shown = ", ".join(sorted(os.listdir(path))[:3])
+                raise StoreError(f"--labels {path} holds other files ({shown}) and no label store; a store "
+                                 f"is made only in a new or empty folder: pass another --labels folder")
+            if not replace:
+                raise StoreError(f"--labels {path} already holds a label store; pass --overwrite-labels "
+                                 f"to make it again")
+            cls.remove(path)
+        meta = dict(meta, format_version=FORMAT_VERSION, label_dim=meta.get("label_dim") or meta["num_classes"])
+        need, free = cls.planned_bytes(meta), free_bytes(path)
+        if need > free:
+            raise StoreError(f"the label store needs {human_bytes(need)} but {path} has {human_bytes(free)} "
+                             f"free; free disk space or pass another --labels folder")
         try:
             os.makedirs(path, exist_ok=True)
+            _write_json_atomic(os.path.join(path, "meta.json"), dict(meta, state="allocating"))
             for name, (shape, dtype) in cls.array_specs(meta).items():
                 file = os.path.join(path, f"{name}.npy")
                 array = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
                 size = array.offset + array.nbytes
                 del array
                 with open(file, "r+b") as f:
-                    os.posix_fallocate(f.fileno(), 0, size)
-        except OSError as error:  # ENOSPC, EFBIG (file size limit), EDQUOT, EACCES, ...
-            raise StoreError(f"cannot create the label store in {path} ({error.strerror}); free disk space "
-                             f"or pass another --labels folder, then run the same command again") from None
-        _write_json_atomic(os.path.join(path, "meta.json"), meta)
-        return cls(path, meta, writable=True)
+                    _reserve(f.fileno(), size)
+            _write_json_atomic(os.path.join(path, "meta.json"), dict(meta, state="ready"))
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StoreError(f"cannot create the label store in {path} ({error.strerror}); free disk "
+                                 f"space or pass another --labels folder, then run the same command "
+                                 f"again") from None
+            raise StoreError(f"cannot create the label store in {path} ({error.strerror}); pass a "
+                             f"writable --labels folder") from None
+        return cls(path, dict(meta, state="ready"), writable=True)
+
+    @classmethod
+    def remove(cls, path):
+        """Delete a store's own files (meta.json, its arrays, temporary files), nothing else."""
+        names = {"meta.json", *(f"{n}.npy" for n in ("boxes", "flips", "sizes", "done", "indices", "values"))}
+        for name in os.listdir(path):
+            if name in names or name.startswith("meta.json.tmp"):
+                os.remove(os.path.join(path, name))
 
     @classmethod
     def open(cls, path, writable=False):
@@ -173,44 +380,118 @@ class LabelStore:
             with open(meta_file) as f:
                 meta = json.load(f)
         except (OSError, ValueError) as error:
-            raise StoreError(f"label store meta {meta_file} is unreadable ({error}); "
-                             f"delete the folder and generate it again") from None
-        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise StoreError(f"label store meta {meta_file} is unreadable ({error}); make the store "
+                             f"again with --overwrite-labels") from None
+        missing = [key for key in REQUIRED if not isinstance(meta, dict) or key not in meta]
+        if missing:
+            raise StoreError(f"label store meta {meta_file} lacks {', '.join(missing)}: it is damaged or "
+                             f"not a label store of this project; make it again with --overwrite-labels")
+        if meta["format_version"] > FORMAT_VERSION:
             raise StoreError(f"label store {path} has format version {meta['format_version']}, "
                              f"newer than this code's {FORMAT_VERSION}; update the code")
+        if meta["format_version"] < FORMAT_VERSION:
+            raise StoreError(f"label store {path} has format version {meta['format_version']} (made before "
+                             f"image sizes were recorded); make it again with --overwrite-labels")
+        if meta["codec"] not in CODECS:
+            raise StoreError(f"label store {path} names an unknown codec {meta['codec']!r} (known: "
+                             f"{', '.join(CODECS)}); it is damaged: make it again with --overwrite-labels")
         store = cls(path, meta, writable)
-        store.arrays  # open now so truncated or foreign files are reported here
+        if store.ready:
+            store.arrays  # open now so truncated or foreign files are reported here
         return store
+
+    @property
+    def ready(self):
+        """All arrays were allocated (False: a creation that was interrupted)."""
+        return self.meta.get("state") == "ready"
+
+    @property
+    def imported(self):
+        return "imported" in self.meta
 
     @property
     def arrays(self):
         if self._arrays is None:
-            self._arrays = {}
+            if not self.ready:
+                raise StoreError(f"label store {self.path} was not fully created (interrupted); run the "
+                                 f"label generation again")
+            arrays = {}
             for name, (shape, dtype) in self.array_specs(self.meta).items():
                 file = os.path.join(self.path, f"{name}.npy")
                 try:
                     array = np.load(file, mmap_mode="r", allow_pickle=False)
                 except (OSError, ValueError) as error:
                     raise StoreError(f"label store array {file} is missing, truncated or not a "
-                                     f"plain .npy array ({error}); generate the store again") from None
+                                     f"plain .npy array ({error}); make the store again "
+                                     f"with --overwrite-labels") from None
                 if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
                     raise StoreError(f"label store array {file} has shape {array.shape} "
-                                     f"{array.dtype}, expected {tuple(shape)} {dtype}; "
-                                     f"the store is damaged, generate it again")
-                self._arrays[name] = array
+                                     f"{array.dtype}, expected {tuple(shape)} {dtype}; the store is "
+                                     f"damaged: make it again with --overwrite-labels")
+                arrays[name] = array
+            self._arrays = arrays
         return self._arrays
 
     def __getstate__(self):  # DataLoader workers re-open the maps themselves
         return {"path": self.path, "meta": self.meta, "writable": False, "_arrays": None}
 
     # -- checks -----------------------------------------------------------------------------------
-    def check_matches(self, expected):
-        """Refuse a store built for other images / classes / codec, naming each difference."""
-        diffs = [f"{key}: store has {self.meta.get(key)!r}, this run expects {expected[key]!r}"
-                 for key in self.IDENTITY if key in expected and self.meta.get(key) != expected[key]]
+    def differences(self, expected):
+        """[(field, store value, expected value)] for every identity field present in `expected`."""
+        return [(key, self.meta.get(key), expected[key]) for key in IDENTITY if key in expected and
+                (not _same_teachers(self.meta.get(key), expected[key]) if key == "teachers" else
+                 _comparable(key, self.meta.get(key)) != _comparable(key, expected[key]))]
+
+    def check_matches(self, expected, advice=None):
+        """Refuse a store made for other images, classes, teachers, crops, seed, codec, K,
+        temperature or probs/logits: one sentence naming each field that differs."""
+        diffs = self.differences(expected)
         if diffs:
-            raise StoreError(f"label store {self.path} was built for other data or flags ("
-                             + "; ".join(diffs) + "); pass matching flags or another --labels folder")
+            shown = _diff_text(diffs)
+            advice = advice or ("pass the flags it was made with, another --labels folder, or "
+                                "--overwrite-labels to make it again")
+            raise StoreError(f"label store {self.path} was made with other settings ({shown}); {advice}")
+
+    @property
+    def complete(self):
+        return self.ready and bool(np.asarray(self.done).all())
+
+    def done_count(self):
+        """Labelled images, read from the file itself (fresh on a shared filesystem, no mmap cache)."""
+        with open(os.path.join(self.path, "done.npy"), "rb") as f:
+            f.seek(self.arrays["done"].offset)
+            return int(np.frombuffer(f.read(self.meta["num_images"]), dtype=np.uint8).astype(bool).sum())
+
+    def wait_until_complete(self, poll_seconds=2.0, on_wait=None):
+        """Block until every image is marked done (other ranks' shares): a poll, not a collective, so
+        ranks that finish hours apart are not killed by a collective's timeout."""
+        while self.done_count() < self.meta["num_images"]:
+            if on_wait is not None:
+                on_wait()
+            time.sleep(poll_seconds)
+
+    def check_image_sizes(self, samples, limit=None):
+        """Refuse images whose (width, height) changed since labelling (PIL header reads, no decode).
+        `limit`: check only when there are at most this many images (the dataset checks each image
+        lazily anyway, when it is loaded)."""
+        if limit is not None and len(samples) > limit:
+            return False
+        sizes = np.asarray(self.arrays["sizes"])
+        for n, (path, _) in enumerate(samples):
+            try:
+                with Image.open(path) as image:
+                    size = image.size
+            except OSError:
+                continue  # unreadable images are reported, with their path, where they are loaded
+            self.check_size(n, path, size, sizes[n])
+        return True
+
+    def check_size(self, n, path, size, stored=None):
+        stored = self.arrays["sizes"][n] if stored is None else stored
+        if tuple(int(v) for v in stored) != tuple(size):
+            raise StoreError(f"image {path} is {size[0]}x{size[1]} px but was {int(stored[0])}x"
+                             f"{int(stored[1])} when its labels in {self.path} were made; restore the "
+                             f"image, or make the labels again with --overwrite-labels")
 
     # -- rows -------------------------------------------------------------------------------------
     @property
@@ -236,13 +517,17 @@ class LabelStore:
         data = np.ascontiguousarray(rows, dtype=array.dtype).tobytes()
         os.pwrite(self._fd(name), data, array.offset + first * row_bytes)
 
-    def write(self, image_index, crop_slice, boxes, flips, indices, values):
-        """Rows of crops `crop_slice` of one image (visible to readers after mark_done)."""
-        if boxes.max(initial=0) > 65535:
+    def write(self, image_index, crop_slice, boxes, flips, indices, values, size):
+        """Rows of crops `crop_slice` of one image whose (width, height) is `size` (visible to
+        readers after mark_done)."""
+        if max(size) > 65535:
             raise StoreError(f"image {image_index} is larger than 65535 pixels on a side; "
                              f"downscale it (crop boxes are stored as uint16)")
         self._pwrite("boxes", image_index, crop_slice, boxes)
         self._pwrite("flips", image_index, crop_slice, flips)
+        sizes = self.arrays["sizes"]
+        os.pwrite(self._fd("sizes"), np.asarray(size, dtype=sizes.dtype).tobytes(),
+                  sizes.offset + image_index * sizes[0].nbytes)
         if "indices" in self.arrays:
             self._pwrite("indices", image_index, crop_slice, indices)
         if "values" in self.arrays:
@@ -274,7 +559,37 @@ class LabelStore:
                 a["flips"][image_index, crop_ids].astype(bool), indices, values)
 
 
+IMAGE_FIELDS = ("num_images", "image_list_sha256", "num_classes", "classes_sha256")
+
+
+def open_for_generation(path, meta, overwrite=False):
+    """The store at `path` to generate `meta`'s labels into (call on one process).
+
+    Created when the folder is new or empty, made again after an interrupted creation or with
+    `overwrite`, reused (to resume) when it was started with the same identity. Otherwise one
+    sentence says what differs and what to do."""
+    if overwrite or not LabelStore.is_store(path):
+        return LabelStore.create(path, meta, replace=overwrite)
+    store = LabelStore.open(path)
+    if not store.ready:  # killed (or a full disk) while allocating: nothing labelled yet
+        return LabelStore.create(path, meta, replace=True)
+    if store.imported:
+        raise StoreError(f"label store {path} holds imported labels; train from it (--mode fkd) or "
+                         f"pass another --labels folder to generate labels")
+    diffs = store.differences(meta)
+    if diffs and not store.complete and {key for key, _, _ in diffs} <= set(IMAGE_FIELDS):
+        raise StoreError(f"label store {path} is incomplete ({store.done_count()} of "
+                         f"{store.meta['num_images']} images labelled) and was started for other images "
+                         f"({_diff_text(diffs)}): the training "
+                         f"images changed since that run (an image added or removed); rerun with "
+                         f"--overwrite-labels to label the current images from the start")
+    store.check_matches(meta)
+    return store
+
+
+# ------------------------------------------------------------------------------------------------
 # Reading a store for training (FKD phase 2, Fast MEAL V2)
+# ------------------------------------------------------------------------------------------------
 def crop_schedule(seed, image_index, stored, start, count):
     """Which stored crops an image uses at stream positions start .. start+count-1.
 
@@ -293,28 +608,41 @@ def crop_schedule(seed, image_index, stored, start, count):
 
 
 def decode_stored_batch(indices, values, meta, device, logits_temperature=None):
-    """Dense soft labels [B * m, C] on `device` for a collated StoredCrops batch ([B, m, ...] rows;
+    """Dense soft labels [B * m, D] on `device` for a collated StoredCrops batch ([B, m, ...] rows;
     an empty tensor stands for an array the codec does not store)."""
     indices = indices.to(device, non_blocking=True).flatten(0, 1) if indices.numel() else None
     values = values.to(device, non_blocking=True).flatten(0, 1) if values.numel() else None
-    return decode(indices, values, meta["codec"], meta["num_classes"], logits_temperature)
+    width = meta.get("label_dim") or meta["num_classes"]
+    return decode(indices, values, meta["codec"], width, logits_temperature)
 
 
 class StoredCrops(Dataset):
-    """Item (image n, stream position) -> m stored crops replayed at the student's size + label rows."""
+    """Item (image n, stream position) -> m stored crops replayed at the student's size + label rows.
 
-    def __init__(self, samples, store, m, size, interpolation, seed):
-        self.samples, self.store, self.m, self.size, self.interp, self.seed = samples, store, m, size, interpolation, seed
+    Use with common.data.TaggedSampler(sampler) and `sampler.set_epoch(epoch, position)` (position:
+    crops per image consumed so far). `augment(crops, generator)`: an optional random op on the
+    replayed uint8 crops (e.g. colour jitter), drawn from a generator seeded by (seed, n, position),
+    so it never depends on workers or restarts. An image whose size changed since labelling is
+    refused.
+    """
+
+    def __init__(self, samples, store, m, size, interpolation, seed, augment=None):
+        self.samples, self.store, self.m, self.size, self.interp = samples, store, m, size, interpolation
+        self.seed, self.augment = seed, augment
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, item):
-        n, start = item
+        n, start = item_and_tag(item, "StoredCrops")
         crop_ids = crop_schedule(self.seed, n, self.store.meta["num_crops"], start, self.m)
         boxes, flips, indices, values = self.store.read(n, crop_ids)
-        image = load_rgb(self.samples[n][0])
+        path = self.samples[n][0]
+        image = load_rgb(path)
+        self.store.check_size(n, path, image.size)
         crops = replay_crops(image, boxes, flips, self.size, self.interp)  # exact replay of the crop
+        if self.augment is not None:
+            crops = self.augment(crops, torch.Generator().manual_seed(derive_seed(self.seed, n, 2, start)))
         empty = torch.zeros(0)
         return (crops, torch.from_numpy(indices) if indices is not None else empty,
                 torch.from_numpy(values) if values is not None else empty, self.samples[n][1])

@@ -1,7 +1,11 @@
-"""Crop sampling depends only on (seed, image, stream); replay cuts exactly the recorded box."""
+"""Crop sampling depends only on (seed, image, stream, crop index); replay cuts exactly the
+recorded box, as torchvision's resized_crop on a PIL image (the official replay)."""
 import numpy as np
+import pytest
 from PIL import Image, ImageFilter
 import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
 
 from common.crops import replay_crops, sample_crops
 
@@ -15,6 +19,14 @@ def test_crops_deterministic_and_independent_of_call_order():
     assert not np.array_equal(a[0], c[0])
     e = sample_crops(3, 17, 500, 375, 50, stream=1)
     assert not np.array_equal(a[0], e[0])
+
+
+def test_crop_i_does_not_depend_on_the_number_of_crops():
+    """Stores with M = 200 and M = 500 share their first 200 boxes and flips."""
+    few = sample_crops(3, 17, 500, 375, 200, scale=(0.08, 0.936))
+    many = sample_crops(3, 17, 500, 375, 500, scale=(0.08, 0.936))
+    assert np.array_equal(few[0], many[0][:200]) and np.array_equal(few[1], many[1][:200])
+    assert np.array_equal(sample_crops(3, 17, 500, 375, 1, scale=(0.08, 0.936))[0], many[0][:1])
 
 
 def test_crops_follow_random_resized_crop_bounds():
@@ -56,3 +68,18 @@ def test_pil_replay_matches_tensor_replay():
     fast = replay_crops(image, boxes, flips, 24).float()
     reference = replay_crops(tensor, boxes, flips, 24).float()
     assert (fast - reference).abs().mean() < 1.0 and (fast - reference).abs().max() <= 8
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_pil_replay_is_torchvision_resized_crop_on_odd_sizes(interpolation):
+    """The official code replays a crop with torchvision resized_crop on the PIL image (crop, then
+    resize); ours must give the same bytes, also at the borders of the box, on odd image sizes."""
+    rng = np.random.default_rng(1)
+    for width, height in ((61, 37), (37, 61), (101, 75)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        boxes, flips = sample_crops(0, width, width, height, 12)
+        out = replay_crops(image, boxes, flips, 24, interpolation)
+        for i, (top, left, h, w) in enumerate(boxes.tolist()):
+            reference = F.resized_crop(image, top, left, h, w, [24, 24], InterpolationMode(interpolation))
+            reference = F.hflip(reference) if flips[i] else reference
+            assert torch.equal(out[i], torch.from_numpy(np.array(reference)).permute(2, 0, 1))

@@ -2,6 +2,7 @@
 import filecmp
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,19 +11,22 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from conftest import ROOT, make_image_folder, run_script, torchrun
+from conftest import ROOT, make_image_folder, make_teacher, run_script, torchrun
 from common.crops import replay_crops
 from common.data import load_rgb, image_folder
-from common.labels import LabelStore, encode
+from common.labels import LabelStore, encode, label_identity
 from common.models import create, normalize
 
-TINY = ["--arch", "test_efficientnet", "--input-size", "32", "--batch-size", "8", "--num-crops", "2",
-        "--stored-crops", "6", "--k", "2", "--epochs", "4", "--workers", "0", "--label-batch", "4"]
+TINY = ["--recipe", "resnet50-plain", "--arch", "test_efficientnet", "--input-size", "32", "--batch-size", "8",
+        "--num-crops", "2", "--stored-crops", "6", "--k", "2", "--epochs", "4", "--workers", "0",
+        "--label-batch", "4"]
 
 
 def fkd_args(data, teacher, out, *extra):
-    return [sys.executable, "fkd.py", "--data", data, "--teacher", teacher, "--out", str(out), *TINY, *extra]
+    labels = [] if "--labels" in extra else ["--labels", str(out / "labels")]
+    return [sys.executable, "fkd.py", "--data", data, "--teacher", teacher, "--out", str(out), *labels, *TINY, *extra]
 
 
 def metrics(out):
@@ -138,24 +142,197 @@ def test_resume_continues_the_same_run(base_run, tiny_data, tiny_teacher, tmp_pa
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
 
 
-def test_ssl_logits_variant_and_visualizer(tiny_data, tiny_teacher, tmp_path):
-    run_script(fkd_args(tiny_data, tiny_teacher, tmp_path, "--stores", "logits", "--codec", "full",
-                        "--temperature", "4"))
+def test_ssl_logits_variant_and_visualizer(tiny_data, tmp_path):
+    """Sec. 3.4: the teacher's raw 8-d outputs (a projection head, not the 3 classes) are stored, and
+    the temperature is chosen at training time, not pinned by the store."""
+    teacher = make_teacher(tmp_path / "proj.pth", classes=8)
+    ssl = ["--stores", "logits", "--codec", "full", "--label-dim", "8", "--epochs", "2"]
+    result = run_script(fkd_args(tiny_data, teacher, tmp_path, *ssl, "--temperature", "4"))
     store = LabelStore.open(str(tmp_path / "labels"))
-    assert store.meta["stores"] == "logits" and store.arrays["values"].shape == (18, 6, 3)
-    assert (np.asarray(store.arrays["values"]) < 0).any()  # raw logits, not probabilities
-    run_script(fkd_args(tiny_data, tiny_teacher, tmp_path, "--stores", "logits", "--codec", "full",
-                        "--temperature", "4", "--mode", "show"))
+    assert store.meta["stores"] == "logits" and store.meta["temperature"] is None
+    assert store.arrays["values"].shape == (18, 6, 8) and store.meta["num_classes"] == 3
+    assert (np.asarray(store.arrays["values"]) < 0).any()  # raw outputs, not probabilities
+    assert "no val accuracy" in result.stdout and "generating labels" in result.stdout
+    again = run_script(fkd_args(tiny_data, teacher, tmp_path / "t2", "--labels", str(tmp_path / "labels"), *ssl,
+                                "--temperature", "2", "--mode", "show"))
+    assert "generating labels" not in again.stdout  # the same store, another T
     from PIL import Image
-    assert Image.open(tmp_path / "labels.png").size[0] > 0
+    assert Image.open(next((tmp_path / "t2").glob("labels.png"))).size[0] > 0
 
 
 def test_torchrun_two_processes(base_run, tiny_data, tiny_teacher, tmp_path):
     out, _ = base_run
-    result = run_script(torchrun(2) + ["fkd.py", "--data", tiny_data, "--teacher", tiny_teacher,
-                                       "--out", str(tmp_path), *TINY])
+    result = run_script(torchrun(2) + fkd_args(tiny_data, tiny_teacher, tmp_path)[1:])
     assert same_store(out / "labels", tmp_path / "labels")  # ranks split the work, same bytes
     records = metrics(tmp_path)
     assert [r["epoch"] for r in records] == [2, 3, 4]
     assert all(r["val_count"] == 9 for r in records)  # 9 val images over 2 ranks, none twice
     assert result.stdout.count("FKD summary") == 1  # rank 0 alone prints
+
+
+def test_torchrun_rank_without_eval_images_does_not_hang(tmp_path):
+    """2 val images (and a --val-data set of 2) over 3 ranks: rank 0's evaluation shard is empty.
+    Evaluating through the DDP wrapper would hang it (its forward broadcasts buffers)."""
+    data = make_image_folder(tmp_path / "two", per_class=(4, 1), classes=2)
+    flags = ["--mode", "ce", "--recipe", "resnet50-plain", "--arch", "test_efficientnet", "--input-size", "32",
+             "--batch-size", "6", "--num-crops", "2", "--epochs", "1", "--workers", "0"]
+    result = run_script(torchrun(3) + ["fkd.py", "--data", data, "--val-data", os.path.join(data, "val"),
+                                       "--out", str(tmp_path / "out"), *flags], timeout=400)
+    record = metrics(tmp_path / "out")[-1]
+    assert record["val_count"] == 2 and record["extra0_count"] == 2 and "FKD summary" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# In this process (no interpreter start-up): the README's commands, store identity on every path,
+# changed images, a failed first run, inputs checked before labelling, imported stores
+# ---------------------------------------------------------------------------------------------
+SMALL = ["--recipe", "resnet50-plain", "--arch", "test_efficientnet", "--input-size", "32", "--batch-size", "8",
+         "--num-crops", "2", "--stored-crops", "6", "--k", "2", "--epochs", "3", "--workers", "0",
+         "--label-batch", "4"]
+
+
+def fkd_main(*argv):
+    """Run fkd.main in this process; returns its error sentence, or None when it succeeded."""
+    import fkd
+    try:
+        fkd.main([str(a) for a in argv])
+    except SystemExit as stop:
+        return str(stop.code)
+    return None
+
+
+@pytest.fixture
+def data_copy(tiny_data, tmp_path):
+    return shutil.copytree(tiny_data, tmp_path / "data")
+
+
+def test_readme_fkd_commands_work_in_order_and_again(tiny_data, tiny_teacher, tmp_path, monkeypatch, capsys):
+    """README: `fkd.py --data demo`, then --mode online, --mode ce, --mode show; twice, no --out."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--data", tiny_data, "--teacher", tiny_teacher, *SMALL]
+    for round in range(2):
+        for mode in ("fkd", "online", "ce", "show"):
+            assert fkd_main(*base, "--mode", mode) is None, mode
+            out = capsys.readouterr().out
+            assert ("generating labels" in out) == (round == 0 and mode == "fkd")
+    assert len(os.listdir(tmp_path / "runs" / "fkd_labels")) == 1  # one store, shared by fkd and show
+    for mode in ("fkd", "online", "ce", "show"):
+        assert len(os.listdir(tmp_path / "runs" / f"fkd_{os.path.basename(tiny_data)}_{mode}")) == 2
+
+
+def test_store_identity_is_checked_by_training_show_and_generation(tiny_data, tiny_teacher, tmp_path):
+    labels = ["--labels", tmp_path / "labels"]
+    assert fkd_main("--data", tiny_data, "--teacher", tiny_teacher, *SMALL, *labels, "--mode", "label") is None
+    other_teacher = make_teacher(tmp_path / "other.pth", seed=1)
+    cases = [(["--teacher", other_teacher], "fkd", "teachers: store [test_resnet (sha256"),
+             (["--teacher", tiny_teacher, "--seed", "1"], "fkd", "seed: store 0, this run 1"),
+             (["--teacher", tiny_teacher, "--temperature", "2"], "show", "temperature: store 1.0, this run 2.0"),
+             (["--teacher", tiny_teacher, "--crop-scale", "0.5", "1"], "label", "crop_scale: store (0.08, 0.936)")]
+    for flags, mode, needle in cases:
+        error = fkd_main("--data", tiny_data, *flags, *SMALL, *labels, "--out", tmp_path / mode, "--mode", mode)
+        assert error.startswith("error: label store") and needle in error and "\n" not in error, error
+
+
+def test_image_changed_after_labelling_is_refused(data_copy, tiny_teacher, tmp_path):
+    args = ["--data", data_copy, "--teacher", tiny_teacher, *SMALL, "--labels", tmp_path / "labels"]
+    assert fkd_main(*args, "--mode", "label") is None
+    victim = os.path.join(data_copy, "train", sorted(os.listdir(os.path.join(data_copy, "train")))[1], "img_004.png")
+    Image.open(victim).resize((50, 50)).save(victim)  # same path, other size
+    error = fkd_main(*args, "--out", tmp_path / "out")
+    assert "img_004.png is 50x50 px but was 47x40" in error and "--overwrite-labels" in error
+
+
+def test_failed_first_run_says_what_changed_and_what_to_do(data_copy, tiny_teacher, tmp_path):
+    args = ["--data", data_copy, "--teacher", tiny_teacher, *SMALL, "--labels", tmp_path / "labels", "--mode", "label"]
+    victim = os.path.join(data_copy, "train", sorted(os.listdir(os.path.join(data_copy, "train")))[2], "img_002.png")
+    with open(victim, "r+b") as f:
+        f.truncate(100)
+    assert "cannot read image" in fkd_main(*args)
+    os.remove(victim)  # the user removes the bad image and runs the same command again
+    error = fkd_main(*args)
+    assert "incomplete (0 of 18 images labelled)" in error and "num_images: store 18, this run 17" in error
+    assert "rerun with --overwrite-labels" in error
+    assert fkd_main(*args, "--overwrite-labels") is None
+    assert LabelStore.open(str(tmp_path / "labels")).complete
+
+
+def test_labels_folder_holding_other_files_is_refused_and_kept(tiny_data, tiny_teacher, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "values.npy").write_bytes(b"precious")
+    error = fkd_main("--data", tiny_data, "--teacher", tiny_teacher, *SMALL, "--labels", tmp_path / "mine",
+                     "--mode", "label")
+    assert "holds other files (values.npy) and no label store" in error
+    assert os.listdir(tmp_path / "mine") == ["values.npy"] and (tmp_path / "mine" / "values.npy").read_bytes() == b"precious"
+
+
+def test_inputs_are_checked_before_label_generation(data_copy, tiny_data, tiny_teacher, tmp_path):
+    args = ["--teacher", tiny_teacher, *SMALL, "--labels", tmp_path / "labels", "--out", tmp_path / "out"]
+    no_val = shutil.copytree(data_copy, tmp_path / "no_val")
+    shutil.rmtree(no_val / "val")
+    assert "val does not exist" in fkd_main("--data", no_val, *args)
+    assert "does not exist" in fkd_main("--data", tiny_data, *args, "--val-data", tmp_path / "nowhere")
+    assert "does not exist" in fkd_main("--data", tiny_data, *args, "--init", f"test_efficientnet={tmp_path}/x.pth")
+    assert not os.path.exists(tmp_path / "labels")  # nothing was labelled
+
+
+def test_ctrl_c_is_one_sentence(tiny_data, tiny_teacher, tmp_path, monkeypatch):
+    import fkd
+    from common import ckpt
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fkd, "train", interrupted)
+    assert fkd_main("--data", tiny_data, "--mode", "ce", *SMALL, "--out", tmp_path / "out") == ckpt.INTERRUPTED
+
+
+def test_stores_with_more_crops_share_their_first_crops(tiny_data, tiny_teacher, tmp_path):
+    for m in (6, 9):
+        assert fkd_main("--data", tiny_data, "--teacher", tiny_teacher, *SMALL, "--stored-crops", m,
+                        "--labels", tmp_path / str(m), "--mode", "label") is None
+    six, nine = LabelStore.open(str(tmp_path / "6")), LabelStore.open(str(tmp_path / "9"))
+    assert np.array_equal(np.asarray(six.arrays["boxes"]), np.asarray(nine.arrays["boxes"])[:, :6])
+    assert np.array_equal(np.asarray(six.arrays["flips"]), np.asarray(nine.arrays["flips"])[:, :6])
+
+
+def test_training_step_reads_nothing_back_from_the_device(tiny_data, tiny_teacher, tmp_path, monkeypatch):
+    """Loss and accuracy are summed on the device and read once per pass, not per step."""
+    labels = ["--labels", tmp_path / "labels"]
+    assert fkd_main("--data", tiny_data, "--teacher", tiny_teacher, *SMALL, *labels, "--mode", "label") is None
+    calls = []
+    item = torch.Tensor.item
+
+    def counting_item(self):
+        caller = sys._getframe(1).f_code.co_filename
+        if caller in (os.path.join(ROOT, "fkd.py"), os.path.join(ROOT, "common", "data.py")):  # not torch's
+            calls.append(sys._getframe(1).f_lineno)
+        return item(self)
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    assert fkd_main("--data", tiny_data, "--teacher", tiny_teacher, *SMALL, *labels, "--batch-size", "4",
+                    "--out", tmp_path / "out") is None
+    steps = sum(r["train_crops"] // 4 for r in metrics(tmp_path / "out"))
+    assert steps >= 12 and len(calls) == 2 * 2, (steps, calls)  # 2 passes: loss and accuracy, once each
+
+
+def test_training_from_an_imported_store(tiny_data, tmp_path, capsys):
+    """A store written by common/released.py: images and classes are checked, codec and K come from
+    the store, an explicit conflicting --codec is refused."""
+    train = image_folder(tiny_data, "train")
+    meta = label_identity(train, [{"name": "released", "sha256": None}], "ms", 2, 4, (0.08, 1), (0.75, 4 / 3),
+                          1.0, "probs", 0)
+    meta.update(crop_scale=None, crop_ratio=None, seed=None, imported={
+        "source": "/released", "label_type": "marginal_smoothing_k2", "layout": "fkd", "num_files": 18,
+        "dtype": "float32"})
+    store = LabelStore.create(str(tmp_path / "imported"), meta)
+    probs = torch.softmax(torch.randn(4, 3), 1)
+    for n, (path, _) in enumerate(train.samples):
+        size = Image.open(path).size
+        indices, values = encode(probs, "ms", 2)
+        store.write(n, slice(0, 4), np.array([[0, 0, size[1], size[0]]] * 4), np.zeros(4), indices.numpy(),
+                    values.numpy(), size)
+    store.mark_done(range(18))
+    args = ["--data", tiny_data, *SMALL, "--labels", tmp_path / "imported", "--out", tmp_path / "out"]
+    assert "--codec mr differs from the imported store's ms" in fkd_main(*args, "--codec", "mr")
+    assert "--k 5 differs from the imported store's 2" in fkd_main(*args, "--k", "5")
+    capsys.readouterr()
+    assert fkd_main(*args, "--epochs", "2") is None
+    assert "training on imported labels from /released (marginal_smoothing_k2, 4 crops" in capsys.readouterr().out

@@ -1,5 +1,8 @@
-"""FKD pieces: crop schedule, serrated pass plan, loss, ensemble, mixing."""
+"""FKD pieces: crop schedule, serrated pass plan, loss, ensemble, mixing, recipes, flags."""
+import contextlib
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -78,3 +81,105 @@ def test_mix_soft_labels_mixes_inputs_and_labels_with_same_lambda():
     cx, cy = mix_batch(x, y, mixup_alpha=0.0, cutmix_alpha=1.0, generator=g)
     # cutmix: the label mass of class 1 equals the area fraction of ones (area-corrected lambda)
     torch.testing.assert_close(cx.mean(dim=(1, 2, 3)), cy[:, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes (Table 3, Table 5) against the paper and the official scripts
+# ---------------------------------------------------------------------------------------------
+def official_loop(epochs, m, warmup):
+    """The epochs of train_ViT_FKD.py (warmup single-crop epochs, then range(warmup, epochs, m) with
+    the last m epochs one crop each); train_FKD.py is the same with warmup = 0."""
+    plan = [(e, 1, 1) for e in range(warmup)]
+    for epoch in range(warmup, epochs, m):
+        if epoch >= epochs - m:
+            return plan + [(e, 1, 1) for e in range(epoch, epochs)]
+        plan.append((epoch, m, m))
+    return plan
+
+
+def test_pass_plan_with_warmup_matches_the_official_loops():
+    for epochs, m, warmup in ((300, 4, 5), (300, 4, 0), (10, 3, 2), (7, 4, 0), (5, 2, 5)):
+        assert fkd.pass_plan(epochs, m, warmup) == official_loop(epochs, m, warmup)
+
+
+def test_recipes_are_labelled_with_their_table_numbers():
+    r80, r79, vit = fkd.RECIPES["resnet50"], fkd.RECIPES["resnet50-plain"], fkd.RECIPES["vit"]
+    assert "80.1" in r80["reported"] and "79.8" in r79["reported"] and "75.2" in vit["reported"]
+    # Table 3: 80.1 with warmup and colour jitter, 79.8 without; both: train_FKD.py's optimizer
+    assert (r80["warmup_epochs"], r80["color_jitter"]) == (5, 0.4)
+    assert (r79["warmup_epochs"], r79["color_jitter"]) == (0, 0.0)
+    for recipe in (r80, r79):
+        assert (recipe["opt"], recipe["lr_rule"], recipe["wd"], recipe["wd_params"], recipe["zero_init_last"]) == \
+            ("sgd", (0.1, 512), 1e-4, "all", False)
+        assert (recipe["epochs"], recipe["batch_size"], recipe["num_crops"], recipe["stored_crops"]) == (300, 1024, 4, 500)
+    # train_ViT_FKD.py: AdamW lr 0.002 at batch 1024, wd 0.05, 5 single-crop warmup epochs from 1e-5
+    assert (vit["opt"], vit["lr_rule"], vit["wd"], vit["warmup_epochs"], vit["warmup_lr"], vit["min_lr"]) == \
+        ("adamw", (0.002, 1024), 0.05, 5, 1e-5, 1e-5)
+    args, _ = fkd.parse_args(["--data", "/x"])
+    assert args.recipe == "resnet50" and args.lr == pytest.approx(0.2) and args.teacher == [fkd.L2_TEACHER]
+    args, explicit = fkd.parse_args(["--data", "/x", "--recipe", "vit", "--batch-size", "512"])
+    assert args.lr == pytest.approx(0.001) and args.opt == "adamw"
+    line = fkd.describe_recipe(args, explicit)
+    assert line.startswith("recipe vit: the paper's 75.2% top-1") and "--batch-size 512 (recipe 1024)" in line
+
+
+def test_weight_decay_sets_and_torchvision_init():
+    import timm
+    resnet = timm.create_model("test_resnet", zero_init_last=False)
+    groups = fkd.parameter_groups(resnet, 1e-4, "all")  # train_FKD.py: SGD(model.parameters(), wd)
+    assert len(groups) == 1 and len(groups[0]["params"]) == len(list(resnet.parameters()))
+    gammas = lambda model: [float(m.weight.detach().min()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # noqa: E731
+    assert min(gammas(resnet)) == 1.0 and min(gammas(timm.create_model("test_resnet"))) == 0.0  # timm zeroes
+    vit = timm.create_model("test_vit")
+    decayed = {id(p) for g in fkd.parameter_groups(vit, 0.05, "weights") if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n for n, p in vit.named_parameters() if id(p) not in decayed}
+    assert {"cls_token", "pos_embed"} <= names and all(p.ndim > 1 for n, p in vit.named_parameters() if id(p) in decayed)
+
+
+def test_color_jitter_is_seeded_per_crop_and_off_at_zero():
+    crops = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    jitter = fkd.ColorJitter(0.4)
+    a = jitter(crops, torch.Generator().manual_seed(1))
+    assert a.dtype == torch.uint8 and a.shape == crops.shape
+    assert torch.equal(a, jitter(crops, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, jitter(crops, torch.Generator().manual_seed(2)))
+    assert torch.equal(fkd.ColorJitter(0.0)(crops, torch.Generator()), crops)
+    gray = torch.full((1, 3, 4, 4), 100, dtype=torch.uint8)  # contrast/saturation keep a gray image
+    factor = (1 + 0.4 * (2 * torch.rand(3, generator=torch.Generator().manual_seed(5)) - 1))[0]
+    expected = torch.full_like(gray, int(min(255, 100 * float(factor))))  # brightness alone scales it
+    assert (jitter(gray, torch.Generator().manual_seed(5)).int() - expected.int()).abs().max() <= 1
+
+
+def test_label_crops_is_the_ensemble_mean_then_the_codec():
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, x):
+            return self.logits.expand(x.shape[0], -1)
+
+    za, zb = torch.tensor([[3.0, 1.0, 0.0, -1.0]]), torch.tensor([[0.0, 2.0, 1.0, 0.0]])
+    cfg = {"data_config": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    teachers = [(Fixed(za), cfg), (Fixed(zb), cfg)]
+    views = [torch.zeros(2, 3, 4, 4, dtype=torch.uint8)] * 2
+    ensemble = (torch.softmax(za / 2, 1) + torch.softmax(zb / 2, 1)) / 2
+    idx, val = fkd.label_crops(teachers, views, "ms", 2, 2.0, "probs", contextlib.nullcontext())
+    assert idx.tolist() == [ensemble[0].topk(2).indices.tolist()] * 2
+    torch.testing.assert_close(val.float(), ensemble.topk(2, 1).values.expand(2, -1), atol=1e-3, rtol=0)
+    hard, _ = fkd.label_crops(teachers, views, "hard", 1, 1.0, "probs", contextlib.nullcontext())
+    assert hard.flatten().tolist() == [int((torch.softmax(za, 1) + torch.softmax(zb, 1)).argmax())] * 2
+    _, raw = fkd.label_crops(teachers[:1], views[:1], "full", 1, 2.0, "logits", contextlib.nullcontext())
+    torch.testing.assert_close(raw, za.expand(2, -1))  # Sec. 3.4: raw outputs, no temperature
+
+
+@pytest.mark.parametrize("flag", ["--stored-crops", "--k", "--temperature", "--label-dim", "--label-batch",
+                                  "--flush-every", "--num-crops", "--epochs", "--batch-size", "--lr", "--wd",
+                                  "--momentum", "--warmup-epochs", "--warmup-lr", "--min-lr", "--color-jitter",
+                                  "--input-size", "--crop-pct", "--mixup", "--cutmix", "--workers", "--seed",
+                                  "--stop-epoch", "--show-images"])
+def test_every_numeric_flag_is_checked_when_parsed(flag, capsys):
+    for bad in ("nan", "-1", "inf"):
+        with pytest.raises(SystemExit):
+            fkd.parse_args(["--data", "/x", flag, bad])
+        assert f"argument {flag}: must be" in capsys.readouterr().err
