@@ -47,7 +47,7 @@ from .models import parse_spec
 
 CODECS = ("full", "hard", "smooth", "ms", "mr")
 FORMAT_VERSION = 2  # 2: sizes.npy, label_dim, identity of teachers/crops/seed checked everywhere
-REQUIRED = ("format_version", "codec", "k", "num_crops", "num_classes", "num_images", "stores")
+REQUIRED = ("format_version", "codec", "k", "num_crops", "num_classes", "num_images")
 
 
 def codec_width(codec, k, label_dim):
@@ -337,7 +337,8 @@ class LabelStore:
                 raise StoreError(f"--labels {path} already holds a label store; pass --overwrite-labels "
                                  f"to make it again")
             cls.remove(path)
-        meta = dict(meta, format_version=FORMAT_VERSION, label_dim=meta.get("label_dim") or meta["num_classes"])
+        meta = dict(meta, format_version=FORMAT_VERSION, label_dim=meta.get("label_dim") or meta["num_classes"],
+                    stores=meta.get("stores", "probs"))
         need, free = cls.planned_bytes(meta), free_bytes(path)
         if need > free:
             raise StoreError(f"the label store needs {human_bytes(need)} but {path} has {human_bytes(free)} "
