@@ -93,8 +93,8 @@ class Discriminator(nn.Module):
     i.e. at probability 0.5, so a row's "0" target costs at least log 2; its "1" output still
     grows, and the larger output tells student from teachers. An input whose two outputs are both
     0 passes no gradient; a head where that holds for every input is dead (its loss stays log 2).
-    Below 1000 classes the hidden widths stay >= 32 and 15: narrower heads (2 and 2 for the demo's
-    10 classes) were often dead from initialization."""
+    Below 1000 classes the hidden widths stay >= 32 and 15: at 10 classes (the demo's) widths 2
+    and 2 were dead from initialization for 4 of 20 seeds on random inputs, 32 and 15 for none."""
 
     def __init__(self, num_classes, shrink=8):
         super().__init__()
@@ -110,12 +110,21 @@ class Discriminator(nn.Module):
 
 def discriminator_loss(discriminator, student, teacher):
     """Eq. 4 with Eq. 5's sigmoid inside BCE-with-logits: student rows labelled [1, 0], teacher rows
-    [0, 1], the mean over all rows and both outputs (official). One forward over both halves."""
-    outputs = discriminator(torch.cat([student, teacher]))
+    [0, 1], the mean over all rows and both outputs (official). `teacher`: rows [B, C], or
+    [(weight, rows), ...] with weights summing to 1, scored as sum_i weight_i x L_D(student, rows_i)
+    (cutmix with --labels, official FKD_train.py). One forward over all rows (one DDP forward per
+    backward)."""
+    sides = teacher if isinstance(teacher, (list, tuple)) else [(1.0, teacher)]
+    outputs = discriminator(torch.cat([student] + [rows for _, rows in sides]))
     targets = torch.zeros_like(outputs)
     targets[:len(student), 0] = 1.0  # student = [1, 0]
     targets[len(student):, 1] = 1.0  # teacher ensemble = [0, 1]
-    return F.binary_cross_entropy_with_logits(outputs, targets)
+    if len(sides) == 1:
+        return F.binary_cross_entropy_with_logits(outputs, targets)
+    per_row = F.binary_cross_entropy_with_logits(outputs, targets, reduction="none").sum(dim=1)
+    weights = torch.cat([torch.ones(len(student), device=outputs.device)]
+                        + [torch.full((len(rows),), float(w), device=outputs.device) for w, rows in sides])
+    return (per_row * weights).sum() / (4 * len(student))  # the mean over 2B rows x 2 outputs
 
 
 def soft_cross_entropy(logits, targets):
@@ -141,8 +150,7 @@ def meal_step(model, discriminator, optimizer, scaler, images, targets, teacher_
     images        the student's normalized batch
     targets       p_e [B, C] (Eq. 1), the KD target (a one-hot for the CE control)
     teacher_side  the teachers' input to the discriminator [B, C] (mean teacher logits online, the
-                  stored p_e with --labels), or [(weight, rows), ...]: L_D weighted over several
-                  (cutmix with --labels: lam x L_D(p_e) + (1 - lam) x L_D(p_e[perm]), official)
+                  stored p_e with --labels), or [(weight, rows), ...] (see discriminator_loss)
     student_side  student logits -> the student's input of the same kind (default: the logits)
     discriminator None: Eq. 3 alone (--no-disc, --no-teachers).
     rule          "cooperative" (official): loss = L_CE + L_D, one backward, one step: the
@@ -160,12 +168,11 @@ def meal_step(model, discriminator, optimizer, scaler, images, targets, teacher_
     loss = kd
     if discriminator is not None:
         student = student_side(logits) if student_side is not None else logits
-        sides = teacher_side if isinstance(teacher_side, (list, tuple)) else [(1.0, teacher_side)]
         if rule == "cooperative":  # official: one summed loss, one optimizer (Eq. 3 + Eq. 4)
-            d_loss = sum(w * discriminator_loss(discriminator, student, rows) for w, rows in sides)
+            d_loss = discriminator_loss(discriminator, student, teacher_side)
             loss = kd + d_loss
         elif rule == "gan":  # D's gradients only from Eq. 4 on the detached student rows
-            d_loss = sum(w * discriminator_loss(discriminator, student.detach(), rows) for w, rows in sides)
+            d_loss = discriminator_loss(discriminator, student.detach(), teacher_side)
             frozen = unwrap(discriminator).requires_grad_(False)  # the student's term leaves D as is
             outputs = frozen(student)
             look_real = torch.zeros_like(outputs)

@@ -511,6 +511,17 @@ def test_labels_route_discriminator_compares_stored_probs(ensemble_store, tiny_d
         b = len(logits)
         torch.testing.assert_close(disc_in[:b], F.softmax(logits, 1))  # full store: the student's softmax
         torch.testing.assert_close(disc_in[b:], targets)  # the stored p_e
+    for key in seen:
+        seen[key].clear()
+    meal_v2.main(["--data", tiny_data, "--out", str(tmp_path / "mixed"), "--labels", str(ensemble_store),
+                  "--num-crops", "2", *teacher_flags(two_teachers), *TINY_RANDOM, "--epochs", "2", "--device", "cpu",
+                  "--cutmix", "1"])
+    for disc_in, logits, targets in zip(seen["disc"], seen["logits"], seen["targets"]):
+        b = len(logits)  # one forward: the student, the stored p_e, p_e of the pasted crops (official)
+        first, second = disc_in[b:2 * b], disc_in[2 * b:]
+        assert len(disc_in) == 3 * b
+        lam = ((targets - second) * (first - second)).sum() / (first - second).square().sum()
+        torch.testing.assert_close(targets, lam * first + (1 - lam) * second)  # the KD target: their mix
 
 
 def test_labels_route_end_to_end_resume_and_mismatch(ensemble_store, tiny_data, two_teachers, init_file, tmp_path):
