@@ -1,4 +1,5 @@
-"""FRSKD: refine feature maps with a self-teacher network, distill them back (classification).
+"""FRSKD: refine feature maps with a self-teacher network, distill them back (classification and
+semantic segmentation).
 
 Paper: Mingi Ji, Seungjae Shin, Seunghyun Hwang, Gibeom Park, Il-Chul Moon, "Refine Myself by
 Teaching Myself: Feature Refinement via Self-Knowledge Distillation", CVPR 2021 (arXiv 2103.08273);
@@ -18,6 +19,13 @@ Equation map:
   Eq. 3   L_F = sum_i || phi(T_i) - phi(F_i) ||              -> attention_loss()
   Eq. 4   L_KD = KL(softmax(c / K) || softmax(t / K))         -> frskd_loss() (official: K^2 KL(t || c))
   Eq. 5   L = CE(c) + CE(t) + alpha L_KD + beta L_F           -> frskd_loss()
+Segmentation (--task segmentation, Sec. 4.2; the official segmentation/ code): the classifier is an
+EfficientDet (EfficientNet + FPN + 3 BiFPN layers), the self-teacher 2 more BiFPN layers on its
+outputs (width factor 1)                                     -> FRSKDSegNet, SegBiFPNLayer
+  Eq. 3 over the six levels of the two BiFPN stacks          -> frskd_seg_loss() (attention_loss)
+  Eq. 4 per pixel: T^2 sum KL(t || c) / (B H W), T = 1       -> pixel_kd_loss()
+  Eq. 5 with CE over labelled pixels (255 ignored); alpha, beta 0 for 40 epochs, then ramped up
+                                                             -> frskd_seg_loss(), distillation_ramp()
 
 Commands:
   CPU demo   python frskd.py --data demo                       (FRSKD, then the plain-CE baseline)
@@ -28,9 +36,19 @@ Commands:
   8 GPUs     torchrun --nproc_per_node=8 frskd.py --data /imagenet --amp
   2 nodes    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
                  frskd.py --data /imagenet --amp
+  Segmentation: --data a VOCdevkit (VOC2007 + VOC2012 trainval / VOC2007 test) or DIR/{train,val}/{images,masks}
+  CPU demo   python frskd.py --task segmentation --data demo   (FRSKD, then the baseline)
+  1 GPU      python frskd.py --task segmentation --data /VOCdevkit --amp    (16 images x 2 accumulated)
+  8 GPUs     torchrun --nproc_per_node=8 frskd.py --task segmentation --data /VOCdevkit --amp --accum-steps 1
+  2 nodes    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+                 frskd.py --task segmentation --data /VOCdevkit --amp --accum-steps 1
+  (--batch-size 32 is the global batch of one SGD step: 1 GPU x 16 x 2 steps is the official
+  setting; 8 GPUs see 4 images each, 16 GPUs 2, which changes the BatchNorm batch)
 --batch-size is global (all processes together). --beta 0 gives FRSKD\\F (no feature distillation).
 """
 import argparse
+import contextlib
+import itertools
 import json
 import math
 import os
@@ -48,7 +66,10 @@ from common import ckpt, demo, flags
 from common.data import (DataError, SeededItems, TaggedSampler, eval_loader, eval_transform, evaluate,
                          image_folder, loader, mix_batch, train_transform)
 from common.dist import cleanup, epoch_generator, maybe_compile, seed_rank_epoch, seeded, setup
-from common.models import ModelError, create, make_optimizer, normalize, param_groups
+from common.models import (ModelError, create, describe_data_config, init_spec, make_optimizer, normalize,
+                           param_groups)
+from common.seg import (IGNORE_INDEX, RandomScaleCropFlip, ResizePair, SegmentationSet, check_pairs,
+                        evaluate_segmentation, find_pairs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,6 +493,300 @@ def transforms_for(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# Semantic segmentation (Sec. 4.2, Table 4; Implementation Details): the official segmentation code
+# (MingiJi/FRSKD segmentation/) - an EfficientDet whose three stacked BiFPN layers form the
+# classifier network and two more BiFPN layers (width factor 1) the self-teacher
+# ----------------------------------------------------------------------------------------------
+def conv_bn_relu_det(cin, cout, kernel, stride=1):
+    """The official EfficientDet Conv: conv (with bias) -> BN(eps 1e-4, momentum 0.997) -> ReLU.
+    momentum 0.997 is TF's decay passed as PyTorch's momentum (official): running stats ~ the last batch."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2),
+                         nn.BatchNorm2d(cout, eps=1e-4, momentum=0.997), nn.ReLU(inplace=True))
+
+
+class EfficientNetTaps(nn.Module):
+    """A timm EfficientNet (stem + MBConv blocks) returning the official segmentation features: the
+    output of the first block at strides 4, 8 and 16 and of the last block (stride 32).
+
+    As the official `layer0 = (conv_stem, bn0)`, the stem has no activation after its BN, and the
+    backbone's BN momentum is efficientnet_pytorch's 0.01. The head (conv_head, classifier) is dropped.
+    """
+
+    def __init__(self, model, bn_momentum=0.01):
+        super().__init__()
+        self.conv_stem, self.bn1 = model.conv_stem, model.bn1
+        if hasattr(self.bn1, "act"):  # timm's BatchNormAct2d: drop the SiLU (official stem: conv + BN only)
+            self.bn1.act = nn.Identity()
+        self.blocks = nn.Sequential(*[block for stage in model.blocks for block in stage])
+        stride, taps = self.conv_stem.stride[0], []
+        for index, block in enumerate(self.blocks):
+            stride *= max(m.stride[0] for m in block.modules() if isinstance(m, nn.Conv2d))
+            if stride in (4, 8, 16) and len(taps) == (4, 8, 16).index(stride):
+                taps.append(index)
+        if stride != 32 or len(taps) != 3:
+            raise ModelError(f"{type(model).__name__} does not step through strides 4, 8, 16 and 32 block by "
+                             f"block; pass an EfficientNet (--arch tf_efficientnet_b0, tf_efficientnet_b1, ...)")
+        self.taps = taps + [len(self.blocks) - 1]
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = bn_momentum
+        was_training = self.training
+        with torch.no_grad():  # channels of the four taps, from one small forward in eval mode
+            self.channels = [f.shape[1] for f in self.eval()(torch.zeros(1, 3, 64, 64))]
+        self.train(was_training)
+
+    def forward(self, x):
+        x = self.bn1(self.conv_stem(x))
+        features = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index in self.taps:
+                features.append(x)
+        return features
+
+
+class TopDownFPN(nn.Module):
+    """Six levels P2..P7 (strides 4..128) at one width: 1x1 laterals with a bilinear upsample-add
+    top-down pass over P5..P2, and P6, P7 by 3x3 stride-2 convs from the raw stride-32 feature."""
+
+    def __init__(self, in_channels, width):
+        super().__init__()
+        self.level6 = conv_bn_relu_det(in_channels[3], width, 3, 2)
+        self.level7 = conv_bn_relu_det(width, width, 3, 2)
+        self.lateral = nn.ModuleList(conv_bn_relu_det(c, width, 1) for c in in_channels)
+
+    def forward(self, features):
+        p6 = self.level6(features[3])
+        levels = [self.lateral[3](features[3])]
+        for i in (2, 1, 0):
+            up = F.interpolate(levels[0], size=features[i].shape[-2:], mode="bilinear", align_corners=False)
+            levels.insert(0, up + self.lateral[i](features[i]))
+        return levels + [p6, self.level7(p6)]
+
+
+def channel_node(width):
+    """A segmentation BiFPN node (official): per-channel (depthwise) 1x1 conv -> BN -> ReLU."""
+    return nn.Sequential(nn.Conv2d(width, width, 1, groups=width), nn.BatchNorm2d(width), nn.ReLU())
+
+
+class SegBiFPNLayer(nn.Module):
+    """The official segmentation BiFPN layer on equal-width levels (not BiFPNc): plain sums (no fusion
+    weights), top-down P_i^td = node(P_i + Up(P_{i+1}^td)) with bilinear upsampling, bottom-up
+    P_i^out = node(P_i + P_i^td + Down(P_{i-1}^out)) with nearest downsampling, P_0^out = P_0^td.
+    `top_down_only`: the official last self-teacher layer, returning (P_0^td, ..., P_n^td)."""
+
+    def __init__(self, width, levels=6, top_down_only=False):
+        super().__init__()
+        self.up_nodes = nn.ModuleList(channel_node(width) for _ in range(levels))
+        self.down_nodes = None if top_down_only else nn.ModuleList(channel_node(width) for _ in range(levels - 1))
+
+    def forward(self, inputs):
+        n = len(inputs)
+        top_down = [None] * n
+        top_down[-1] = self.up_nodes[-1](inputs[-1])
+        for i in reversed(range(n - 1)):
+            up = F.interpolate(top_down[i + 1], size=inputs[i].shape[-2:], mode="bilinear", align_corners=False)
+            top_down[i] = self.up_nodes[i](inputs[i] + up)
+        if self.down_nodes is None:
+            return top_down
+        outputs = [top_down[0]]
+        for i in range(1, n):
+            down = F.interpolate(outputs[-1], size=inputs[i].shape[-2:], mode="nearest")
+            outputs.append(self.down_nodes[i - 1](inputs[i] + top_down[i] + down))
+        return outputs
+
+
+def segmentation_head(width, num_classes):
+    """Official head on the finest level: conv3x3(width -> 256) + BN + ReLU + conv3x3(256 -> classes)."""
+    return nn.Sequential(nn.Conv2d(width, 256, 3, padding=1), nn.BatchNorm2d(256, eps=1e-4, momentum=0.997),
+                         nn.ReLU(inplace=True), nn.Conv2d(256, num_classes, 3, padding=1))
+
+
+class FRSKDSegNet(nn.Module):
+    """Classifier network = backbone + FPN + `classifier_layers` BiFPN layers + head; self-teacher =
+    `self_teacher_layers` more BiFPN layers on the classifier's BiFPN outputs (undetached: its CE
+    trains the classifier's layers too, as official) + its own head. Logits are upsampled
+    bilinearly to the input size. forward -> (features F_i, logits, refined T_i, self-teacher logits)."""
+
+    def __init__(self, backbone, num_classes, width, classifier_layers=3, self_teacher_layers=2, self_teacher=True):
+        super().__init__()
+        self.backbone = backbone
+        self.fpn = TopDownFPN(backbone.channels, width)
+        self.bifpn = nn.Sequential(*[SegBiFPNLayer(width) for _ in range(classifier_layers)])
+        self.head = segmentation_head(width, num_classes)
+        self.self_teacher = self.self_teacher_head = None
+        if self_teacher:
+            self.self_teacher = nn.Sequential(*[SegBiFPNLayer(width, top_down_only=k == self_teacher_layers - 1)
+                                                for k in range(self_teacher_layers)])
+            self.self_teacher_head = segmentation_head(width, num_classes)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        features = self.bifpn(self.fpn(self.backbone(x)))
+        logits = F.interpolate(self.head(features[0]), size=size, mode="bilinear", align_corners=False)
+        if self.self_teacher is None:
+            return features, logits, None, None
+        refined = self.self_teacher(features)
+        self_teacher_logits = F.interpolate(self.self_teacher_head(refined[0]), size=size, mode="bilinear",
+                                            align_corners=False)
+        return features, logits, refined, self_teacher_logits
+
+
+def pixel_kd_loss(logits, self_teacher_logits, temperature):
+    """Eq. 4 per pixel (official DistillKL): KL(softmax(t/T) || softmax(c/T)) summed over classes and
+    pixels, x T^2, / (B H W); the self-teacher's maps are detached."""
+    batch, _, height, width = logits.shape
+    kl = F.kl_div(F.log_softmax(logits / temperature, dim=1),
+                  F.softmax(self_teacher_logits.detach() / temperature, dim=1), reduction="sum")
+    return kl * temperature ** 2 / (batch * height * width)
+
+
+def frskd_seg_loss(logits, self_teacher_logits, features, refined, masks, alpha, beta, temperature):
+    """Eq. 5 per pixel: CE(c) + CE(t) (mean over labelled pixels, 255 ignored) + alpha L_KD + beta L_F,
+    L_F over the six levels of the two BiFPN stacks. Returns the total and its four terms."""
+    ce_classifier = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+    ce_self_teacher = F.cross_entropy(self_teacher_logits, masks, ignore_index=IGNORE_INDEX)
+    kd = pixel_kd_loss(logits, self_teacher_logits, temperature)  # Eq. 4
+    feature = attention_loss(features, refined)  # Eq. 3, self-teacher side detached
+    return ce_classifier + ce_self_teacher + alpha * kd + beta * feature, (ce_classifier, ce_self_teacher, kd, feature)
+
+
+def distillation_ramp(epoch, warmup, epochs):
+    """Factor on alpha and beta in 0-based `epoch` (official warm-up and annealing): 0 for the first
+    `warmup` epochs, then the sigmoid ramp-up exp(-5 (1 - t)^2), t = (epoch + 1 - warmup) / (epochs - warmup)."""
+    if epoch < warmup:
+        return 0.0
+    if epochs <= warmup:
+        return 1.0
+    t = min(epoch + 1 - warmup, epochs - warmup) / (epochs - warmup)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+class SegLogits(nn.Module):
+    """The classifier's logits, or (classifier, self-teacher) logits of one forward, for evaluation."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        _, logits, _, self_teacher_logits = self.net(x)
+        return logits if self_teacher_logits is None else (logits, self_teacher_logits)
+
+
+def segmentation_step(net, images, masks, args, alpha, beta, autocast):
+    """Forward and the per-pixel Eq. 5 (or the classifier's CE alone for the baseline)."""
+    with autocast:
+        features, logits, refined, self_teacher_logits = net(images)
+    if self_teacher_logits is None:
+        loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
+        return loss, torch.stack([loss.detach(), *[torch.zeros_like(loss)] * 3])
+    loss, terms = frskd_seg_loss(logits.float(), self_teacher_logits.float(), features, refined, masks,
+                                 alpha, beta, args.temperature)
+    return loss, torch.stack([t.detach() for t in terms])
+
+
+def build_seg_net(args, num_classes):
+    """Backbone from --init (timm tag, NAME=PATH, or 'none': random), FPN, BiFPN stacks, heads; the
+    initial weights of the new layers depend on --seed alone (the same on every rank)."""
+    with seeded(args.seed):
+        if args.init == "none":
+            model, extra = create(args.arch, 0, pretrained_head="none")
+        else:
+            model, extra = create(init_spec(args.init, args.arch), 0, pretrained_head="reset")
+        net = FRSKDSegNet(EfficientNetTaps(model), num_classes, args.bifpn_channels, args.bifpn_layers,
+                          args.repeat, self_teacher=not args.baseline)
+    return net, extra
+
+
+def end_segmentation_epoch(checkpoint, ctx, metrics, best, args, **meta):
+    """Checkpointer.end_epoch, scored by val_miou instead of val_top1: log, print, save, barrier."""
+    checkpoint.log.append(metrics)
+    ctx.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+    checkpoint.save(metrics["epoch"], metrics["val_miou"], best, args, **meta)
+    ctx.barrier()
+    stop = args.stop_epoch is not None and metrics["epoch"] >= args.stop_epoch
+    if stop:
+        ctx.print(f"stopping after epoch {metrics['epoch']} (--stop-epoch); continue with --resume auto")
+    return stop
+
+
+def train_segmentation(args, ctx, train_set, val_set, out):
+    net, extra = build_seg_net(args, args.num_classes)
+    ctx.print(f"backbone {describe_data_config(extra)}; features after blocks {net.backbone.taps} "
+              f"({net.backbone.channels} channels), BiFPN width {args.bifpn_channels}")
+    net = net.to(ctx.device)
+    if ctx.device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer_for(net, args)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, 0.1)
+    scaler = ctx.grad_scaler(args)
+    checkpoint = ckpt.Checkpointer(out, ctx, args.resume, args.overwrite, args=args, model=net, optimizer=optimizer,
+                                   scheduler=scheduler, scaler=scaler)
+    start_epoch, best = checkpoint.restore()
+    model = net
+    if ctx.distributed:
+        net = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    net = maybe_compile(net, args)
+    autocast = ctx.autocast(args)
+    micro_batch = args.batch_size // (ctx.world * args.accum_steps)
+    sampler = TaggedSampler(torch.utils.data.DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True,
+                                                                seed=args.seed, drop_last=True))
+    data = loader(SeededItems(train_set, args.seed, ctx.rank), micro_batch, args.workers, sampler, ctx.device,
+                  drop_last=True)
+    updates = len(data) // args.accum_steps  # whole accumulation groups only (a tail is not stepped)
+    if updates == 0:
+        raise DataError(f"each process gets {len(data)} batches of {micro_batch} images per epoch, fewer than "
+                        f"--accum-steps {args.accum_steps}; lower --batch-size or --accum-steps")
+    val_data = eval_loader(val_set, micro_batch, args.workers, ctx)
+    metrics, run_start = {}, time.time()
+    for epoch in range(start_epoch, args.epochs):
+        seed_rank_epoch(args.seed, ctx.rank, epoch)
+        sampler.set_epoch(epoch, epoch)
+        ramp = distillation_ramp(epoch, args.warmup_epochs, args.epochs)
+        alpha, beta = args.alpha * ramp, args.beta * ramp
+        net.train()
+        lr = optimizer.param_groups[0]["lr"]
+        epoch_start = time.time()
+        sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # loss and its 4 terms, per micro-batch
+        optimizer.zero_grad(set_to_none=True)
+        batches = itertools.islice(data, updates * args.accum_steps)
+        for index, (images, masks) in enumerate(ctx.bar(batches, total=updates * args.accum_steps,
+                                                        desc=f"epoch {epoch + 1}/{args.epochs}")):
+            images = normalize(images.to(ctx.device, non_blocking=True), args.mean, args.std)
+            masks = masks.to(ctx.device, non_blocking=True)
+            update = (index + 1) % args.accum_steps == 0
+            # DDP: all-reduce gradients only on the micro-batch that completes an accumulation group
+            with net.no_sync() if ctx.distributed and not update else contextlib.nullcontext():
+                loss, terms = segmentation_step(net, images, masks, args, alpha, beta, autocast)
+                scaler.scale(loss / args.accum_steps).backward()  # official: batch 16, accumulated to 32
+            if update:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_value_(model.parameters(), args.clip_value)  # official: value clipping 2.0
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            sums += torch.cat([loss.detach().view(1), terms]).double()
+        scheduler.step()
+        count = updates * args.accum_steps * ctx.world
+        loss_sum, ce_c, ce_t, kd, feat = ctx.all_reduce_sum(sums.tolist())
+        ckpt.check_finite(loss_sum, epoch, out)
+        metrics = {"epoch": epoch + 1, "lr": lr, "alpha": alpha, "beta": beta, "train_loss": loss_sum / count,
+                   "train_ce": ce_c / count, "train_ce_self_teacher": ce_t / count, "train_kd": kd / count,
+                   "train_feature": feat / count, "train_time": time.time() - epoch_start}
+        result = evaluate_segmentation(SegLogits(model), val_data, ctx, args.mean, args.std, args.num_classes, args,
+                                       heads=1 if args.baseline else 2, desc="val")
+        if not args.baseline:
+            result, self_teacher_result = result
+            metrics["val_self_teacher_miou"] = self_teacher_result["miou"]
+        metrics.update(val_miou=result["miou"], val_pixel_acc=result["pixel_acc"])
+        best = max(best, metrics["val_miou"])
+        if end_segmentation_epoch(checkpoint, ctx, metrics, best, args, arch=args.arch, num_classes=args.num_classes):
+            break
+    return metrics, best, time.time() - run_start
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line: recipes, arguments, main
 # ----------------------------------------------------------------------------------------------
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -488,12 +803,28 @@ RECIPES = {  # the paper's Implementation details, with the official data pipeli
     "demo": dict(arch="test_resnet", epochs=16, batch_size=64, milestones=[8, 12], alpha=2.0, beta=100.0,
                  input_size=64, crop_pct=1.0, augment="rrc", mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=2),
 }
+SEG_RECIPES = {  # --task segmentation
+    # the official segmentation code run with its README command (batch 16, gradients accumulated to 32)
+    "voc": dict(arch="tf_efficientnet_b0", epochs=60, warmup_epochs=40, milestones=[40], batch_size=32,
+                accum_steps=2, lr=0.01, wd=5e-4, crop_size=512, num_classes=21, alpha=1.0, beta=50.0,
+                temperature=1.0, repeat=2, bifpn_layers=3, clip_value=2.0, workers=4),
+    # laptop-sized: 64 px scenes, a small EfficientNet pre-trained on the demo's classification set
+    "demo": dict(arch="test_efficientnet", epochs=12, warmup_epochs=8, milestones=[8], batch_size=8,
+                 accum_steps=1, lr=0.02, wd=5e-4, crop_size=demo.SEG_IMAGE_SIZE, num_classes=len(demo.SEG_CLASSES),
+                 alpha=1.0, beta=50.0, temperature=1.0, repeat=2, bifpn_layers=3, clip_value=2.0, workers=2),
+}
+SEG_BIFPN_WIDTHS = {"efficientnet_b0": 64, "efficientnet_b1": 88, "efficientnet_b2": 112}  # official outc
+SEG_ONLY_FLAGS = ("init", "num_classes", "bifpn_layers", "warmup_epochs", "accum_steps", "clip_value", "crop_size")
+CLASSIFICATION_ONLY_FLAGS = ("recipe", "val_data", "mixup", "cutmix", "input_size", "crop_pct", "augment")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/, or 'demo'")
+    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/, or 'demo' "
+                   "(segmentation: a VOCdevkit folder or DIR/{train,val}/{images,masks}, or 'demo')")
+    p.add_argument("--task", choices=["classification", "segmentation"], default="classification",
+                   help="segmentation: EfficientDet with a BiFPN self-teacher (Sec. 4.2, Table 4)")
     p.add_argument("--val-data", action="append", default=[], help="extra ImageFolder to evaluate on")
     p.add_argument("--recipe", choices=["imagenet", "cifar", "tinyimagenet"],
                    help="default: imagenet (demo: its own)")
@@ -502,8 +833,10 @@ def parse_args(argv=None):
     p.add_argument("--width", type=flags.positive_float, default=2.0,
                    help="self-teacher channel width w (d_i = w c_i)")
     p.add_argument("--bifpn-channels", type=flags.positive_int,
-                   help="equal-width BiFPN of Table 6 (no resample convs) instead of BiFPNc")
-    p.add_argument("--repeat", type=flags.positive_int, default=1, help="stacked BiFPN layers")
+                   help="equal-width BiFPN of Table 6 (no resample convs) instead of BiFPNc; segmentation: "
+                        "the BiFPN width (default 64 for B0, 88 for B1, as EfficientDet)")
+    p.add_argument("--repeat", type=flags.positive_int, default=1,
+                   help="stacked BiFPN layers of the self-teacher (segmentation: 2)")
     p.add_argument("--alpha", type=flags.nonneg_float, help="soft-label distillation weight (Eq. 5)")
     p.add_argument("--beta", type=flags.nonneg_float, help="feature distillation weight (Eq. 5); 0 = FRSKD\\F")
     p.add_argument("--temperature", type=flags.positive_float, default=4.0, help="K of Eq. 4")
@@ -534,11 +867,46 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--stop-epoch", type=flags.positive_int, help="stop after this epoch (continue with --resume auto)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    seg = p.add_argument_group("segmentation only (defaults: SEG_RECIPES)")
+    seg.add_argument("--init", help="backbone weights: timm tag (default ARCH.aa_in1k for tf_efficientnet_b*), "
+                                    "NAME=PATH, or 'none' (random init)")
+    seg.add_argument("--num-classes", type=flags.positive_int, help="classes incl. background (VOC: 21)")
+    seg.add_argument("--bifpn-layers", type=flags.positive_int, help="BiFPN layers of the classifier network (3)")
+    seg.add_argument("--warmup-epochs", type=flags.nonneg_int, help="epochs with alpha = beta = 0 (40)")
+    seg.add_argument("--accum-steps", type=flags.positive_int,
+                     help="micro-batches whose gradients make one SGD step of --batch-size (2)")
+    seg.add_argument("--clip-value", type=flags.positive_float, help="gradient value clipping (2.0)")
+    seg.add_argument("--crop-size", type=flags.positive_int, help="training crop side and validation resize (512)")
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--task")
+    early.add_argument("--data")
+    known = early.parse_known_args(argv)[0]
+    if known.task == "segmentation":  # the segmentation recipe's defaults replace the classification ones
+        p.set_defaults(**SEG_RECIPES["demo" if known.data == "demo" else "voc"], mean=IMAGENET_MEAN, std=IMAGENET_STD)
     args = p.parse_args(argv)
+    if args.task == "segmentation":
+        return segmentation_args(args, p)
+    given = [name for name in SEG_ONLY_FLAGS if getattr(args, name) is not None]
+    if given:
+        p.error(f"--{given[0].replace('_', '-')} applies to --task segmentation only")
     args.recipe_name = "demo" if args.data == "demo" and args.recipe is None else (args.recipe or "imagenet")
     for key, value in RECIPES[args.recipe_name].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    return args
+
+
+def segmentation_args(args, parser):
+    """Finish the flags of --task segmentation: refuse classification-only flags, derive the width."""
+    given = [name for name in CLASSIFICATION_ONLY_FLAGS if getattr(args, name) not in (None, [], 0.0)]
+    if given:
+        parser.error(f"--{given[0].replace('_', '-')} applies to classification only, not --task segmentation")
+    args.recipe_name = "seg_demo" if args.data == "demo" else "seg"
+    name = args.arch.split(".")[0]
+    if args.bifpn_channels is None:
+        args.bifpn_channels = SEG_BIFPN_WIDTHS.get(name.removeprefix("tf_"), 64)
+    if args.init is None and args.data != "demo":  # ImageNet weights; timm's default B0 tag is trained on JFT
+        args.init = f"{name}.aa_in1k" if name.startswith("tf_efficientnet_b") and "." not in args.arch else args.arch
     return args
 
 
@@ -556,6 +924,8 @@ def main(argv=None):
 
 
 def run(args, ctx):
+    if args.task == "segmentation":
+        return run_segmentation(args, ctx)
     if args.batch_size % ctx.world:
         raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the {ctx.world} processes")
     start = time.time()
@@ -586,6 +956,43 @@ def run(args, ctx):
                      + (f", self-teacher {r['final']['val_self_teacher_top1']:.2f}%"
                         if "val_self_teacher_top1" in r["final"] else "") for name, r in results.items())
     ctx.print(f"FRSKD summary: {args.arch}, {args.epochs} epochs: {line}; "
+              f"total {time.time() - start:.0f}s, out {out}")
+    if ctx.main:
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def run_segmentation(args, ctx):
+    if args.batch_size % (ctx.world * args.accum_steps):
+        raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the {ctx.world} processes x "
+                         f"--accum-steps {args.accum_steps}")
+    start = time.time()
+    root = demo.ensure_segmentation_data(ctx) if args.data == "demo" else args.data
+    if args.data == "demo" and args.init is None:  # the demo's "ImageNet": the backbone trained on the demo's shapes
+        args.init = demo.ensure_teacher(args.arch, ctx, log=ctx.print)
+    train_pairs, val_pairs, layout = find_pairs(root)
+    check_pairs(train_pairs + val_pairs, args.num_classes)
+    ctx.print(f"{layout} {root}: {len(train_pairs)} train / {len(val_pairs)} val images, {args.num_classes} classes")
+    train_set = SegmentationSet(train_pairs, RandomScaleCropFlip(args.crop_size, args.crop_size))
+    val_set = SegmentationSet(val_pairs, ResizePair(args.crop_size))
+    base = f"runs/frskd_{args.recipe_name}" + ("_baseline" if args.baseline else "")
+    out = ckpt.resolve_out(args.out, base, ctx, args.resume)
+    runs = [("baseline" if args.baseline else "frskd", args)]
+    if args.data == "demo" and not args.baseline:  # the demo also trains the baseline (same epochs)
+        runs.append(("baseline", argparse.Namespace(**dict(vars(args), baseline=True))))
+    results = {}
+    for name, run_args in runs:
+        run_out = out if len(runs) == 1 else os.path.join(out, name)
+        ctx.print(f"training {name} (segmentation): {run_args.arch}, {run_args.epochs} epochs" + (
+            "" if run_args.baseline else f", alpha {run_args.alpha}, beta {run_args.beta} after "
+                                         f"{run_args.warmup_epochs} warm-up epochs"))
+        metrics, best, seconds = train_segmentation(run_args, ctx, train_set, val_set, run_out)
+        results[name] = {"final": metrics, "best_miou": best, "train_time": seconds}
+    line = "; ".join(f"{name} classifier mIoU {r['final'].get('val_miou', float('nan')):.2f}% "
+                     f"(best {r['best_miou']:.2f}%, {r['train_time']:.0f}s)"
+                     + (f", self-teacher {r['final']['val_self_teacher_miou']:.2f}%"
+                        if "val_self_teacher_miou" in r["final"] else "") for name, r in results.items())
+    ctx.print(f"FRSKD segmentation summary: {args.arch}, {args.epochs} epochs: {line}; "
               f"total {time.time() - start:.0f}s, out {out}")
     if ctx.main:
         with open(os.path.join(out, "summary.json"), "w") as f:

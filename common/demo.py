@@ -98,8 +98,9 @@ def _class_color(class_index, rng):
     return tuple(rgb.convert("RGB").getpixel((0, 0)))
 
 
-def render(class_index, rng, size=IMAGE_SIZE):
-    """One demo image: a shape of class `class_index` on a cluttered background."""
+def cluttered_background(rng, size):
+    """A noisy color gradient with strokes and blobs in class hues (no class shapes).
+    Returns the PIL image, a drawing context on it, and the base color (for cut-outs)."""
     base = rng.integers(40, 216, 3)
     grad = np.linspace(-30, 30, size)[None, :, None] * rng.choice([-1, 1], 3)
     image = np.clip(base + grad + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
@@ -115,6 +116,12 @@ def render(class_index, rng, size=IMAGE_SIZE):
         else:
             r = rng.uniform(1.5, 4)
             draw.rectangle([x - r, y - r * rng.uniform(0.3, 1.5), x + r, y + r], fill=color)
+    return img, draw, background
+
+
+def render(class_index, rng, size=IMAGE_SIZE):
+    """One demo image: a shape of class `class_index` on a cluttered background."""
+    img, draw, background = cluttered_background(rng, size)
     radius = rng.uniform(0.2, 0.36) * size
     cx, cy = rng.uniform(radius, size - radius, 2)
     color = _class_color(class_index, rng)
@@ -191,3 +198,50 @@ def resolve_teachers(specs, default, ctx=None, log=print):
     """On the demo set a bare model name (no =PATH) means that architecture trained on the demo set
     (trained once, then cached); NAME=PATH specs pass through."""
     return [spec if "=" in spec else ensure_teacher(spec, ctx, log=log) for spec in (specs or default)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Segmentation demo: the same shapes with pixel masks (class 0 = background, shape k = class k + 1)
+# ----------------------------------------------------------------------------------------------
+SEG_VERSION = 1  # of the segmentation set; bump when its rendering changes
+SEG_CLASSES = ("background",) + CLASSES
+SEG_IMAGE_SIZE = 64
+SEG_TRAIN_IMAGES, SEG_VAL_IMAGES = 600, 200
+
+
+def render_scene(rng, size=SEG_IMAGE_SIZE, max_shapes=3):
+    """One segmentation demo image and its mask: 1..max_shapes shapes of random classes (later
+    ones drawn over earlier ones) on a cluttered background; clutter is background in the mask."""
+    img, draw, background = cluttered_background(rng, size)
+    mask = Image.new("L", (size, size), 0)
+    mask_draw = ImageDraw.Draw(mask)
+    for _ in range(rng.integers(1, max_shapes + 1)):
+        class_index = int(rng.integers(len(CLASSES)))
+        radius = rng.uniform(0.14, 0.3) * size
+        cx, cy = rng.uniform(radius * 0.5, size - radius * 0.5, 2)
+        angle, color = rng.uniform(0, 2 * math.pi), _class_color(class_index, rng)
+        draw_shape(draw, CLASSES[class_index], cx, cy, radius, angle, color, background)
+        # the same shape in the mask; cut-outs (ring, crescent) show the background there
+        draw_shape(mask_draw, CLASSES[class_index], cx, cy, radius, angle, class_index + 1, 0)
+    return img, mask
+
+
+def ensure_segmentation_data(ctx=None):
+    """Build the segmentation demo set once, in the images/ + masks/ layout of common.seg
+    (train/ and val/; masks are grayscale PNGs of class ids), atomically like ensure_data."""
+    root = os.path.join(cache_dir(), f"demo-seg-v{SEG_VERSION}")
+    if (ctx is None or ctx.main) and not os.path.isdir(root):
+        tmp = f"{root}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for split, count, seed in (("train", SEG_TRAIN_IMAGES, 0), ("val", SEG_VAL_IMAGES, 1)):
+            os.makedirs(os.path.join(tmp, split, "images"))
+            os.makedirs(os.path.join(tmp, split, "masks"))
+            rng = np.random.default_rng([SEG_VERSION, seed, 1000])
+            for i in range(count):
+                image, mask = render_scene(rng)
+                image.save(os.path.join(tmp, split, "images", f"scene_{i:04d}.jpg"), quality=92)
+                mask.save(os.path.join(tmp, split, "masks", f"scene_{i:04d}.png"))
+        os.replace(tmp, root)
+    if ctx is not None:
+        ctx.barrier()
+    return root
