@@ -32,6 +32,7 @@ Commands:
   CIFAR-100  python frskd.py --data /cifar100 --recipe cifar   (ImageFolder of 32x32 images; CIFAR ResNet-18)
              python frskd.py --data /cifar100 --recipe cifar --arch wrn16_2
   Tiny-IN    python frskd.py --data /tiny-imagenet-200 --recipe tinyimagenet
+  FGVR       python frskd.py --data /cub200 --recipe fgvr          (ResNet-18 at 224, batch 32)
   1 GPU      python frskd.py --data /imagenet --amp            (ResNet-18, batch 256)
   8 GPUs     torchrun --nproc_per_node=8 frskd.py --data /imagenet --amp
   2 nodes    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
@@ -800,6 +801,9 @@ RECIPES = {  # the paper's Implementation details, with the official data pipeli
     "tinyimagenet": dict(arch="cifar_resnet18", epochs=200, batch_size=128, milestones=[100, 150], alpha=3.0,
                          beta=100.0, input_size=32, crop_pct=1.0, augment="rrc", mean=[0.4802, 0.4481, 0.3975],
                          std=[0.2770, 0.2691, 0.2821], workers=4),
+    # fine-grained (CUB200, MIT67, Dogs, Stanford40): the standard ResNet-18 at 224, batch 32
+    "fgvr": dict(arch="resnet18", epochs=200, batch_size=32, milestones=[100, 150], alpha=1.0, beta=200.0,
+                 input_size=224, crop_pct=0.875, augment="rrc", mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=8),
     "demo": dict(arch="test_resnet", epochs=16, batch_size=64, milestones=[8, 12], alpha=2.0, beta=100.0,
                  input_size=64, crop_pct=1.0, augment="rrc", mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=2),
 }
@@ -826,7 +830,7 @@ def parse_args(argv=None):
     p.add_argument("--task", choices=["classification", "segmentation"], default="classification",
                    help="segmentation: EfficientDet with a BiFPN self-teacher (Sec. 4.2, Table 4)")
     p.add_argument("--val-data", action="append", default=[], help="extra ImageFolder to evaluate on")
-    p.add_argument("--recipe", choices=["imagenet", "cifar", "tinyimagenet"],
+    p.add_argument("--recipe", choices=["imagenet", "cifar", "tinyimagenet", "fgvr"],
                    help="default: imagenet (demo: its own)")
     p.add_argument("--out", help="output folder (default: a fresh runs/frskd_<recipe>[_baseline]/<date-time>)")
     p.add_argument("--arch", help="cifar_resnet18, wrn16_2, or a timm CNN (resnet18, resnet34, ...)")
