@@ -253,6 +253,55 @@ def test_wrn16_2_matches_the_official_structure():
     assert (logits - ref_logits).abs().max() < 1e-5
 
 
+class ReferenceCifarResNet18(nn.Module):
+    """The official CIFAR ResNet-18, from its description: conv3x3 + BN stem (its ReLU comes at the
+    first block), no max-pool; block: a = relu(x), out = BN(conv(relu(BN(conv(a))))) + (a, or
+    BN(conv1x1/s(a))), no ReLU at its end; features relu(layer outputs); logits fc(mean relu(out4)).
+    Parameter names as timm's, so the weights map by name."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64)
+        cin = 64
+        for i, cout in enumerate((64, 128, 256, 512)):
+            blocks = []
+            for b in range(2):
+                stride = 2 if b == 0 and i > 0 else 1
+                block = nn.Module()
+                block.conv1, block.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+                block.conv2, block.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+                if stride != 1 or cin != cout:
+                    block.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                blocks.append(block)
+                cin = cout
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x):
+        x, features = self.bn1(self.conv1(x)), []
+        for i in range(1, 5):
+            for block in getattr(self, f"layer{i}"):
+                a = F.relu(x)
+                out = block.bn2(block.conv2(F.relu(block.bn1(block.conv1(a)))))
+                x = out + (block.downsample(a) if hasattr(block, "downsample") else a)
+            features.append(F.relu(x))
+        return features, self.fc(features[-1].mean(dim=(2, 3)))
+
+
+def test_cifar_resnet18_matches_the_official_structure():
+    reference, ours = ReferenceCifarResNet18(100), frskd.make_classifier("cifar_resnet18", 100)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.05)
+    ours.model.load_state_dict(reference.state_dict())  # strict: the same parameters and buffers
+    x = torch.randn(2, 3, 32, 32)
+    (features, logits), (ref_features, ref_logits) = ours.forward_stages(x), reference(x)
+    assert [f.shape[1:] for f in features] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]
+    for got, want in zip(features, ref_features):
+        assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    assert (logits - ref_logits).abs().max() < 1e-4 * ref_logits.abs().max()
+
+
 def test_classifier_initialisation_follows_the_official_code():
     wrn = frskd.make_classifier("wrn16_2", 10)
     conv = wrn.groups[1][0].conv1  # He normal, fan-out: std sqrt(2 / (9 * 64))
