@@ -60,7 +60,7 @@ def test_statistics_tables_and_figure_from_finished_runs(tmp_path, capsys):
     assert vs_vanilla["mean"] == pytest.approx(3.0)
     assert "baseline, 2x epochs (same images)" not in result["series"]  # not run: absent, not zero
     report = open(str(out) + ".md").read()
-    assert "| BAKE (lambda 1, M 1) | **66.00 ± 8.49** | 60.0 / 72.0 |" in report
+    assert "| BAKE (lambda 1, M 1) | **66.00 ± 8.49** | 60.0 / 72.0 | - |" in report
     assert "**+3.00 ± 2.83** | +5.0 / +1.0 | 2 of 2 seeds |" in report
     assert os.path.getsize(str(out) + ".png") > 1000
     # the 2x-epochs baseline takes its budget from the finished BAKE run

@@ -255,8 +255,23 @@ def mean_std(values):
 
 def short_command(script, data, flags):
     """`python SCRIPT --data DATA FLAGS` (no seed, no out), paths relative to the repository."""
-    shown = [os.path.relpath(f, ROOT) if os.path.isabs(f) else f for f in [data, *flags]]
-    return " ".join(shlex.quote(c) for c in ["python", script, "--data", *shown])
+    runs = os.path.realpath(os.path.join(ROOT, "runs"))
+
+    def show(arg):
+        if not os.path.isabs(arg):
+            return arg
+        if arg.startswith(runs + os.sep):  # runs/ may be a link to another checkout's runs/
+            return os.path.join("runs", os.path.relpath(arg, runs))
+        return os.path.relpath(arg, ROOT)
+    return " ".join(shlex.quote(show(c)) for c in ["python", script, "--data", data, *flags])
+
+
+def total(records, *keys):
+    """Sum over epochs of the first of `keys` the records log (None when they log none)."""
+    for key in keys:
+        if any(key in r for r in records):
+            return sum(r.get(key, 0) for r in records)
+    return None
 
 
 def collect(args, method):
@@ -282,6 +297,8 @@ def collect(args, method):
                     entry["seeds"][str(seed)] = {
                         "epochs": epochs, "top1": values, "final": values[-1], "best": max(values),
                         "train_time": sum(r.get("train_time", 0.0) for r in records),
+                        "images": total(records, "train_images", "train_crops"),
+                        "steps": total(records, "train_steps"),
                         "wall": done["wall"], "command": short, "code": done.get("code")}
             for label, (subs, key) in run.references.items():
                 path = locate(out, subs, "summary.json")
@@ -314,22 +331,24 @@ def tables(method, result, seeds):
     per = " / ".join(str(s) for s in seeds)
     codes = sorted({r.get("code") or "?" for e in result["series"].values() for r in e["seeds"].values()})
     lines = [f"### {TITLES[method]}, code at commit {', '.join(codes)}", "",
-             f"| run | final top-1, mean ± std | per seed ({per}) | train s | wall s | command |",
-             "|---|---|---|---|---|---|"]
+             f"| run | final top-1, mean ± std | per seed ({per}) | images (steps) | train s | wall s "
+             "| command |", "|---|---|---|---|---|---|---|"]
     for label, entry in result["series"].items():
         runs = list(entry["seeds"].values())
         per_seed = " / ".join(fmt(entry["seeds"].get(str(s), {}).get("final"), 1) for s in seeds)
         train = statistics.mean(r["train_time"] for r in runs)
         wall = statistics.mean(r["wall"] for r in runs)
+        images, steps = runs[0].get("images"), runs[0].get("steps")
+        budget = "-" if images is None else f"{images:,}" + ("" if steps is None else f" ({steps:,})")
         lines.append(f"| {label} | **{fmt(entry['final_mean'])} ± {fmt(entry['final_std'])}** | "
-                     f"{per_seed} | {train:.0f} | {wall:.0f} | `{runs[0]['command']}` |")
+                     f"{per_seed} | {budget} | {train:.0f} | {wall:.0f} | `{runs[0]['command']}` |")
     for label, values in result["references"].items():
         mean, std = mean_std(list(values.values()))
         per_seed = " / ".join(fmt(values.get(str(s)), 1) for s in seeds)
-        lines.append(f"| ({label}) | {fmt(mean)} ± {fmt(std)} | {per_seed} | | | |")
+        lines.append(f"| ({label}) | {fmt(mean)} ± {fmt(std)} | {per_seed} | | | | |")
     for label, step in result.get("steps", {}).items():
         wall = statistics.mean(step["wall"].values())
-        lines.append(f"| ({label}) | | | | {wall:.0f} | `{step['command']}` |")
+        lines.append(f"| ({label}) | | | | | {wall:.0f} | `{step['command']}` |")
     if result["comparisons"]:
         lines += ["", "| comparison | budget held equal | paired difference, mean ± std | "
                       f"per seed ({per}) | ahead on |", "|---|---|---|---|---|"]
@@ -391,7 +410,7 @@ def parse_args(argv):
     p.add_argument("--plot-only", action="store_true",
                    help="run nothing; tables and figure from the finished runs")
     args = p.parse_args(argv)
-    args.out = os.path.abspath(args.out)
+    args.out = os.path.realpath(args.out)  # the same runs whichever checkout (or link) runs them
     flags = {}
     for item in args.script_flags:
         script, sep, value = item.partition("=")
