@@ -209,7 +209,7 @@ def data_copy(tiny_data, tmp_path):
 def test_readme_fkd_commands_work_in_order_and_again(tiny_data, tiny_teacher, tmp_path, monkeypatch, capsys):
     """README: `fkd.py --data demo`, then --mode online, --mode ce, --mode show; twice, no --out."""
     monkeypatch.chdir(tmp_path)
-    base = ["--data", tiny_data, "--teacher", tiny_teacher, *SMALL]
+    base = ["--data", tiny_data, "--teacher", tiny_teacher, *SMALL, "--epochs", "1"]
     for round in range(2):
         for mode in ("fkd", "online", "ce", "show"):
             assert fkd_main(*base, "--mode", mode) is None, mode
