@@ -12,7 +12,7 @@ allow_pickle=False (no pickle anywhere), so any DataLoader worker reads any crop
   boxes   [N, M, 4] uint16  crop (top, left, height, width) in pixels of the original image
   flips   [N, M]    uint8   horizontal flip bit
   indices [N, M, K] uint16  class indices (hard/smooth: K = 1; ms/mr: top-K; absent for full)
-  values  [N, M, K] float16 probabilities (smooth/ms/mr); full: [N, M, D] float32
+  values  [N, M, K] float16 probabilities (smooth/ms/mr; float32 for an fp32 import); full: [N, M, D] float32
   sizes   [N, 2]    uint16  (width, height) of each image when it was labelled: a replaced or
                             resized image is refused instead of being cut with stale boxes
   done    [N]       uint8   set only after the image's rows are flushed to disk
@@ -101,7 +101,7 @@ def decode(indices, values, codec, num_classes, logits_temperature=None):
     if codec == "mr":
         # Eq. 6: y^M = p_c on the top-K, 0 elsewhere; Eq. 7: y^MR = y^M / sum_c y^M
         dense = torch.zeros(batch, num_classes, device=indices.device).scatter_(1, indices, values)
-        return dense / dense.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return F.normalize(dense, p=1.0, dim=1, eps=1e-12)  # as the official decode: the L1 norm
     raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
@@ -295,7 +295,10 @@ class LabelStore:
         if meta["codec"] != "full":
             specs["indices"] = ((n, m, width), "uint16" if c <= 65535 else "int32")
         if meta["codec"] != "hard":
-            specs["values"] = ((n, m, width), "float32" if meta["codec"] == "full" else "float16")
+            # float16 by default (29 B/crop for ms K=5); an import of fp32 released labels keeps
+            # float32 (meta values_dtype) so that it decodes exactly as the official files
+            specs["values"] = ((n, m, width), "float32" if meta["codec"] == "full"
+                               else meta.get("values_dtype", "float16"))
         return specs
 
     @classmethod

@@ -235,6 +235,7 @@ def import_meta(source_dir, layout, train_set, fmt, label_type):
         "classes_sha256": image_list_hash([(c, i) for i, c in enumerate(train_set.classes)], ""),
         "teachers": [{"name": "released", "sha256": None}],
         "crop_scale": None, "crop_ratio": None, "seed": None, "temperature": 1.0, "stores": "probs",
+        "values_dtype": "float32" if dtype == "float32" else "float16",  # exact decode of the files
         "imported": {"source": os.path.abspath(source_dir), "label_type": label_type,
                      "layout": layout, "num_files": len(train_set), "dtype": dtype},
     }

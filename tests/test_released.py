@@ -148,18 +148,11 @@ def test_decoded_labels_match_official_recover(tmp_path, data, label_type, fp16)
                       meta["codec"], CLASSES)
         official = official_soft_label(labels, label_type, CLASSES)
         assert np.array_equal(stored_flips, flips)
-        if label_type == "hard" or (fp16 and label_type in ("smoothing", "marginal_smoothing_k5",
-                                                              "marginal_smoothing_k10")):
-            # exact; where fp16 top-K values sum above 1 the official rest mass is negative and ours
-            # is clamped at 0 (README, FKD codecs)
-            assert torch.equal(ours, official.clamp_min(0))
-            overshoot += int((official < 0).any(1).sum())
-        elif label_type == "marginal_renorm":
-            # ours divides by sum(), the official F.normalize by the p=1 norm: at most 1 ulp apart;
-            # fp32 files: values rounded to the store's float16 (<= 2^-11 relative each)
-            torch.testing.assert_close(ours, official, rtol=0, atol=1.2e-7 if fp16 else 1e-3)
-        else:  # fp32 probabilities stored as float16: <= 2^-11 relative each
-            torch.testing.assert_close(ours, official, rtol=0, atol=2.5e-4)
+        # exact for every label type and both releases (an fp32 release is stored as float32);
+        # where top-K values sum above 1 the official rest mass is negative and ours is clamped at
+        # 0 (README, FKD codecs)
+        assert torch.equal(ours, official.clamp_min(0))
+        overshoot += int((official < 0).any(1).sum())
     if fp16 and label_type.startswith("marginal_smoothing"):
         assert overshoot > 0, "the test data should hold fp16 top-K values summing above 1"
 
@@ -449,7 +442,9 @@ def test_store_bytes_per_crop_against_released_files(tmp_path, fp16):
     released_bytes = sum(os.path.getsize(os.path.join(source, released.label_file_key(p, "fkd")))
                          for p, _ in train_set.samples) / (6 * 500)
     store = import_labels(str(source), train_set, str(tmp_path / "store"))
-    record = 8 + 1 + 5 * 2 + 5 * 2  # box 4 x uint16, flip, 5 x uint16 indices, 5 x float16 values
+    # box 4 x uint16, flip, 5 x uint16 indices, 5 values: float16 for the fp16 release, float32 for
+    # the fp32 one (kept exact)
+    record = 8 + 1 + 5 * 2 + 5 * (2 if fp16 else 4)
     per_image = 2 * 2 + 1  # sizes, done flag
     headers = len(LabelStore.array_specs(store.meta)) * 128
     assert store.bytes_on_disk() == 6 * 500 * record + 6 * per_image + headers
