@@ -416,7 +416,8 @@ RECIPES = {
 DEMO_TEACHER = "test_resnet"
 SIZE_CHECK_LIMIT = 50_000  # images whose sizes are checked at start; larger sets: as each is loaded
 # flags that may change between a run and its resume here (besides common/ckpt.py's list)
-NOT_TRAINING_FLAGS = ("overwrite_labels", "import_from", "import_layout", "show_images")
+NOT_TRAINING_FLAGS = ("overwrite_labels", "import_from", "import_layout", "import_label_type",
+                      "show_images")
 
 
 def parse_args(argv=None):
@@ -437,6 +438,9 @@ def parse_args(argv=None):
     p.add_argument("--import-from", help="--mode import: folder of the authors' released label files")
     p.add_argument("--import-layout", default="fkd", choices=["fkd", "meal"],
                    help="released tree: fkd (train/<class>/<name>.tar) or meal (one more folder level)")
+    p.add_argument("--import-label-type", choices=["marginal_renorm"], help="--mode import: decode "
+                   "top-K files with marginal re-norm (Eq. 6-7) instead of marginal smoothing (Eq. 5); "
+                   "the released files of the two are identical")
     # models
     p.add_argument("--arch", help="student timm model (recipes: resnet50, deit_tiny_patch16_224, "
                    "test_efficientnet)")
@@ -682,7 +686,8 @@ def run(args, explicit, ctx):
             raise SystemExit("error: --mode import needs common/released.py, which this copy of the code "
                              "lacks; update the code") from None
         path = args.labels or os.path.join("runs", "fkd_labels", f"{data_tag(args.data)}-imported")
-        store = import_labels(args.import_from, train_set, path, layout=args.import_layout, ctx=ctx)
+        store = import_labels(args.import_from, train_set, path, layout=args.import_layout, ctx=ctx,
+                              label_type=args.import_label_type, workers=args.workers)
         ctx.print(f"train with: python fkd.py --data {args.data} --labels {store.path}")
         return
 

@@ -504,3 +504,17 @@ def test_released_resnet50_checkpoints_load_and_evaluate(tmp_path, data, capsys,
               "--input-size", "64", "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert f"top-1 {top1_ref:.2f}% top-5 {top5_ref:.2f}% on {len(val)} images" in out, out
+
+
+def test_fkd_cli_imports_as_marginal_renorm(tmp_path, data):
+    """`fkd.py --mode import --import-label-type marginal_renorm`: the CLI hook reaches the import
+    with the label type asked for, and a second run finds the store complete."""
+    import fkd
+    write_release(tmp_path / "release", data, "marginal_smoothing_k5")
+    argv = ["--data", data, "--mode", "import", "--import-from", str(tmp_path / "release"),
+            "--labels", str(tmp_path / "store"), "--import-label-type", "marginal_renorm",
+            "--out", str(tmp_path / "out"), "--workers", "0"]
+    fkd.main(argv)
+    meta = LabelStore.open(str(tmp_path / "store")).meta
+    assert meta["codec"] == "mr" and meta["imported"]["label_type"] == "marginal_renorm"
+    assert LabelStore.open(str(tmp_path / "store")).done.all()
