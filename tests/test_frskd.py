@@ -341,6 +341,21 @@ def test_table6_parameter_and_flop_ratios():
         assert count.get_total_flops() / base_flops == pytest.approx(flops_ratio, abs=max(0.015, 0.015 * flops_ratio))
 
 
+def test_demo_self_teacher_has_table6_proportions():
+    recipe = frskd.RECIPES["demo"]
+    classifier = frskd.make_classifier(recipe["arch"], 10).eval()
+    x = torch.randn(1, 3, recipe["input_size"], recipe["input_size"])
+    features, _ = classifier.forward_stages(x)
+    teacher = frskd.BiFPNc(classifier.stage_channels, 10).eval()
+    with FlopCounterMode(display=False) as base, torch.no_grad():
+        classifier(x)
+    with FlopCounterMode(display=False) as count, torch.no_grad():
+        teacher(features)
+    params = sum(p.numel() for p in teacher.parameters()) / sum(p.numel() for p in classifier.parameters())
+    assert params == pytest.approx(0.58, abs=0.01)  # Table 6, BiFPNc w = 2 on WRN-16-2: x0.59 / x0.68
+    assert count.get_total_flops() / base.get_total_flops() == pytest.approx(0.66, abs=0.01)
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------
