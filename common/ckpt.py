@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 
 import torch
@@ -67,8 +68,14 @@ def save_atomic(obj, path):
 
 
 def write_error(path, error):
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else \
-        str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    else:  # torch's zip writer: a RuntimeError whose text names no cause ("unexpected pos ...")
+        try:
+            full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 64 * 2**20
+        except OSError:
+            full = False
+        reason = "no space left on device" if full else "the write failed: quota, file-size limit or I/O error"
     kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was lost"
     return (f"cannot write {path} ({reason}); {kept}; free disk space (or fix quota/permissions) and "
             f"run the same command with --resume auto to continue")

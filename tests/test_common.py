@@ -317,7 +317,8 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
     try:
-        with pytest.raises(CheckpointError, match="cannot write .*last.pth .*the previous last.pth is intact"):
+        with pytest.raises(CheckpointError, match=r"cannot write .*last.pth \(the write failed: quota, file-size "
+                                                  r"limit or I/O error\); the previous last.pth is intact"):
             save_atomic({"epoch": 2, "weights": torch.zeros(100_000)}, tmp_path / "last.pth")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
