@@ -942,6 +942,8 @@ def run(args, ctx):
     root = demo.ensure_data(ctx) if args.data == "demo" else args.data
     cfg = {"mean": list(args.mean), "std": list(args.std), "input_size": args.input_size,
            "crop_pct": args.crop_pct, "interpolation": "bilinear"}
+    ctx.print(describe_data_config({"name": args.arch, "data_config": cfg, "data_config_source":
+                                    f"the {args.recipe_name} recipe and flags; training: {args.augment}"}))
     train_tf, val_tf = transforms_for(args)
     train_set = image_folder(root, "train", train_tf)
     val_sets = {"val": eval_loader(image_folder(root, "val", val_tf, train_set.classes),
