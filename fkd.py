@@ -23,6 +23,7 @@ Equation map:
   Eq. 1     (1 - lambda) H(y, S(x)) + lambda H(T(x), S(x)): lambda = 1 here (FKD, online),
             lambda = 0 is --mode ce                                  -> soft_cross_entropy()
   Sec. 3.1  P_i = T(R_i), several teachers: mean of their softmax   -> label_crops()
+            (each teacher's forward: common/models.py teacher_logits())
   Eq. 3-7   hard / smooth / marginal smoothing / re-norm, encode side -> label_crops() via
             common/labels.py encode(); decode side -> common/labels.py decode()
   Sec. 3.3  m crops of one image per batch, serrated lr               -> pass_plan(), train()
@@ -65,7 +66,7 @@ from common.labels import (CODECS, IMAGE_FIELDS, LabelStore, StoreError, StoredC
                            decode_stored_batch, encode, free_bytes, human_bytes, identity_digest,
                            label_identity, open_for_generation, teacher_identity)
 from common.models import (ModelError, create, describe_data_config, init_spec, load_teachers,
-                           make_optimizer, normalize)
+                           make_optimizer, normalize, teacher_logits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,18 +98,6 @@ def pass_plan(epochs, m, warmup_epochs=0):
 
 
 @torch.no_grad()
-def teacher_outputs(teachers, views, autocast):
-    """Each teacher's outputs z on the same crops; views[t] holds the crops resized for teacher t
-    (uint8 NCHW on the device), normalized here with teacher t's mean and std."""
-    outputs = []
-    for (teacher, extra), images in zip(teachers, views):
-        cfg = extra["data_config"]
-        with autocast:
-            outputs.append(teacher(normalize(images, cfg["mean"], cfg["std"])).float())
-    return outputs
-
-
-@torch.no_grad()
 def label_crops(teachers, views, codec, k, temperature, stores, autocast):
     """Soft labels of one block of crops of one image (Sec. 3.1 label generation), compressed.
 
@@ -119,7 +108,7 @@ def label_crops(teachers, views, codec, k, temperature, stores, autocast):
     `stores="logits"` (SSL variant, Sec. 3.4): one teacher's raw outputs, T applied at training.
     Returns (indices or None, values or None).
     """
-    outputs = teacher_outputs(teachers, views, autocast)
+    outputs = teacher_logits(teachers, views, autocast)
     if stores == "logits":
         return encode(outputs[0], "full")
     probs = torch.stack([F.softmax(z / temperature, dim=1) for z in outputs]).mean(dim=0)
@@ -267,7 +256,7 @@ def batch_targets(args, batch, store, teachers, num_classes, device, autocast):
         crops, views, labels = batch
         if args.mode == "online":  # vanilla KD: the teacher runs on this step's crops
             views = [v.to(device, non_blocking=True).flatten(0, 1) for v in views]
-            outputs = teacher_outputs(teachers, views, autocast)
+            outputs = teacher_logits(teachers, views, autocast)
             targets = torch.stack([F.softmax(z / args.temperature, dim=1) for z in outputs]).mean(dim=0)
         else:  # Eq. 1 with lambda = 0: the image label
             targets = F.one_hot(labels.repeat_interleave(crops.shape[1]).to(device), num_classes).float()

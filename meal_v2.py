@@ -354,7 +354,7 @@ def train(args, ctx, train_set, val_sets, store, teachers, model, discriminator,
             if args.cutmix > 0:
                 crops, teacher_views, perm, lam = cutmix(crops, teacher_views, args.cutmix, cutmix_rng)
             if teachers:  # online: every teacher on the (mixed) crop at its own size
-                logits_t = teacher_logits(teachers, teacher_views, args.amp)
+                logits_t = teacher_logits(teachers, teacher_views, ctx.autocast(args))
                 targets = ensemble_probs(logits_t)  # Eq. 1
                 teacher_side = torch.stack(logits_t).mean(dim=0)  # official: the mean of their logits
             else:
@@ -403,7 +403,7 @@ def evaluate_ensemble(teachers, root, classes, args, ctx):
     correct, total = torch.zeros((), device=ctx.device), 0
     for batches in zip(*loaders):
         views = [images.to(ctx.device) for images, _ in batches]
-        probs = ensemble_probs(teacher_logits(teachers, views, args.amp))
+        probs = ensemble_probs(teacher_logits(teachers, views, ctx.autocast(args)))
         labels = batches[0][1].to(ctx.device)
         correct += (probs.argmax(1) == labels).sum()
         total += len(labels)

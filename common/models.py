@@ -10,6 +10,7 @@ A spec may end with the data config the weights expect, as a query:
 (any subset of these keys). Precedence: the spec's query, then the config stored in our
 checkpoints, then timm's default for the architecture; extra["data_config_source"] says which.
 """
+import contextlib
 import hashlib
 import math
 import os
@@ -286,13 +287,14 @@ def make_optimizer(name, groups, lr, momentum=0.9, nesterov=False):
 
 
 @torch.no_grad()
-def teacher_logits(teachers, views_per_teacher, amp=False):
-    """Each teacher's logits on the same crops; views_per_teacher[t] holds the crops resized for
-    teacher t (uint8 NCHW on the device), normalized here with teacher t's mean and std."""
+def teacher_logits(teachers, views_per_teacher, autocast=None):
+    """Each teacher's outputs z (fp32) on the same crops; views_per_teacher[t] holds the crops resized
+    for teacher t (uint8 NCHW on the device), normalized here with teacher t's mean and std.
+    `autocast`: the run's autocast context (`ctx.autocast(args)`: --amp and --amp-dtype), or None."""
     outputs = []
     for (teacher, extra), images in zip(teachers, views_per_teacher):
         cfg = extra["data_config"]
-        with torch.autocast(images.device.type, enabled=amp and images.is_cuda):
+        with autocast if autocast is not None else contextlib.nullcontext():
             outputs.append(teacher(normalize(images, cfg["mean"], cfg["std"])).float())
     return outputs
 

@@ -37,9 +37,7 @@ from common.labels import decode, encode  # noqa: E402
 from common.dist import Context  # noqa: E402
 from common.models import ensemble_probs  # noqa: E402
 
-FeaturesAndLogits = getattr(bake, "FeaturesAndLogits", None)
-if FeaturesAndLogits is None:  # before it moved into bake.py
-    from common.models import FeaturesAndLogits  # noqa: E402,F811
+FeaturesAndLogits = bake.FeaturesAndLogits
 
 
 def sync(device):
@@ -148,9 +146,9 @@ def bench_frskd(args, device, classes, scaler, autocast):
 
         def run(net=net, optimizer=optimizer, with_teacher=with_teacher):
             with autocast():
-                features, logits, refined, teacher_logits = net(x)
+                features, logits, refined, self_teacher_logits = net(x)
             if with_teacher:
-                loss, _ = frskd.frskd_loss(logits.float(), teacher_logits.float(), features, refined, targets,
+                loss, _ = frskd.frskd_loss(logits.float(), self_teacher_logits.float(), features, refined, targets,
                                            2.0, 100.0, 4.0)
             else:
                 loss = -(targets * F.log_softmax(logits.float(), 1)).sum(1).mean()
