@@ -618,12 +618,29 @@ def on_every_rank(ctx, work):
     if ctx.main:
         try:
             result = work()
-        except (DataError, ModelError, StoreError) as exc:
+        except (DataError, ModelError, StoreError, ckpt.CheckpointError) as exc:
             error = str(exc)
     error = ctx.broadcast_object(error)
     if error:
         raise StoreError(error)
     return result
+
+
+def lock_labels(path, ctx):
+    """Hold a lock on the store's hidden sibling file .NAME.lock while this run generates into it: two runs
+    sharing a (default) store never create or write it at the same time."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        lock = os.path.join(parent, "." + os.path.basename(os.path.abspath(path)) + ".lock")
+        note = ckpt.hold_lock(lock, "labels:" + os.path.realpath(path),
+                              "another run", "wait for it to end (it is labelling these images), or pass "
+                              "another --labels folder", f"label store {path}")
+    except PermissionError as error:
+        raise StoreError(f"cannot write next to label store {path} ({error}); pass a writable --labels "
+                         f"folder") from None
+    if note:
+        ctx.print(note)
 
 
 def open_store_for_training(args, explicit, ctx, train_set, store, teachers_identity, label_dim):
@@ -714,6 +731,9 @@ def run(args, explicit, ctx):
                   f"on {result['count']} images")
         return
 
+    if args.mode != "label":  # before any labelling: a bad --out is reported now, and OUT is locked
+        args.out = ckpt.resolve_out(args.out, os.path.join("runs", f"fkd_{data_tag(args.data)}_{args.mode}"),
+                                    ctx, args.resume)
     teachers_identity = teacher_identity(args.teacher or []) if args.mode != "ce" else []
     store = None
     if args.mode in ("fkd", "label", "show"):
@@ -739,15 +759,14 @@ def run(args, explicit, ctx):
         if not LabelStore.is_store(args.labels) or args.overwrite_labels:
             ctx.print(describe_store(args.labels, meta))
         # rank 0 creates (or reopens) the store; the others open it once it exists
-        on_every_rank(ctx, lambda: open_for_generation(args.labels, meta, args.overwrite_labels))
+        on_every_rank(ctx, lambda: (lock_labels(args.labels, ctx),
+                                    open_for_generation(args.labels, meta, args.overwrite_labels))[1])
         store = generate_labels(args, ctx, train_set, teachers, LabelStore.open(args.labels, writable=True))
     if store is not None:
         ctx.print(describe_store(args.labels, store=store))
         open_store_for_training(args, explicit, ctx, train_set, store, teachers_identity, label_dim)
     if args.mode == "label":
         return
-    args.out = ckpt.resolve_out(args.out, os.path.join("runs", f"fkd_{data_tag(args.data)}_{args.mode}"), ctx,
-                                args.resume)
     if args.mode == "show":
         if ctx.main:
             path = show_labels(store, train_set, os.path.join(args.out, "labels.png"), args.temperature,

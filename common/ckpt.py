@@ -104,15 +104,22 @@ def lock_out(out):
     """Hold an exclusive advisory lock on OUT/.lock until the process ends (re-entrant within
     one process). Another process holding it: CheckpointError naming OUT and its pid. A
     filesystem without working locks: a warning (returned), the run goes on."""
-    key = os.path.realpath(out)
+    try:
+        return hold_lock(os.path.join(out, ".lock"), os.path.realpath(out), "another run",
+                         f"wait for it to end, or pass another --out", f"{out}")
+    except PermissionError as error:
+        raise CheckpointError(f"cannot write in output folder {out} ({error}); pass a writable --out") from None
+
+
+def hold_lock(path, key, holder_kind, fix, what):
+    """flock `path` exclusively for this process's lifetime (re-entrant under `key`); `what` is in
+    use by `holder_kind` -> CheckpointError "WHAT is in use by HOLDER (pid N); FIX"."""
     if key in _held_locks:
         return None
-    path = os.path.join(out, ".lock")
     try:
         handle = open(path, "a+")
     except OSError as error:
-        raise CheckpointError(f"cannot write in output folder {out} ({error.strerror or error}); "
-                              f"pass a writable --out") from None
+        raise PermissionError(error.strerror or str(error)) from None
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -121,11 +128,10 @@ def lock_out(out):
             holder = handle.read().strip()
             handle.close()
             who = f" (pid {holder})" if holder.isdigit() else ""
-            raise CheckpointError(f"{out} is in use by another run{who}; wait for it to end, or "
-                                  f"pass another --out") from None
+            raise CheckpointError(f"{what} is in use by {holder_kind}{who}; {fix}") from None
         handle.close()
-        return (f"note: cannot lock {out} on this filesystem ({error.strerror}); make sure no other "
-                f"run uses the same --out")
+        return (f"note: cannot lock {what} on this filesystem ({error.strerror}); make sure no other "
+                f"run uses it at the same time")
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")

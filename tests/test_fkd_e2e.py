@@ -215,7 +215,8 @@ def test_readme_fkd_commands_work_in_order_and_again(tiny_data, tiny_teacher, tm
             assert fkd_main(*base, "--mode", mode) is None, mode
             out = capsys.readouterr().out
             assert ("generating labels" in out) == (round == 0 and mode == "fkd")
-    assert len(os.listdir(tmp_path / "runs" / "fkd_labels")) == 1  # one store, shared by fkd and show
+    stores = [name for name in os.listdir(tmp_path / "runs" / "fkd_labels") if not name.endswith(".lock")]
+    assert len(stores) == 1  # one store, shared by fkd and show
     for mode in ("fkd", "online", "ce", "show"):
         assert len(os.listdir(tmp_path / "runs" / f"fkd_{os.path.basename(tiny_data)}_{mode}")) == 2
 
@@ -336,3 +337,20 @@ def test_training_from_an_imported_store(tiny_data, tmp_path, capsys):
     capsys.readouterr()
     assert fkd_main(*args, "--epochs", "2") is None
     assert "training on imported labels from /released (marginal_smoothing_k2, 4 crops" in capsys.readouterr().out
+
+
+def test_a_store_being_labelled_by_another_run_is_refused(tiny_data, tiny_teacher, tmp_path):
+    """Two runs sharing a store (the default one) never create or write it at the same time: the
+    second is told who holds it, before it writes anything."""
+    import fcntl
+    labels = tmp_path / "labels"
+    with open(tmp_path / ".labels.lock", "w") as holder:  # another run labelling into the same store
+        holder.write("4242\n")
+        holder.flush()
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        error = fkd_main("--data", tiny_data, *SMALL, "--mode", "label", "--teacher", tiny_teacher,
+                         "--labels", labels)
+    assert error.startswith(f"error: label store {labels} is in use by another run (pid 4242)")
+    assert not labels.exists()
+    assert fkd_main("--data", tiny_data, *SMALL, "--mode", "label", "--teacher", tiny_teacher,
+                    "--labels", labels) is None  # free again: the same command labels the store
