@@ -6,6 +6,8 @@ skipping, curve reading, statistics, tables and figures from rotting.
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -100,6 +102,32 @@ def test_benchmark_runs_skips_and_plots_on_tiny_data(tiny_data, tiny_teacher, tm
     assert png.stat().st_size > 1000
     with pytest.raises(SystemExit, match="does not exist"):
         plot_metrics.main([str(tmp_path / "nothing"), "-o", str(png)])
+
+
+def test_a_killed_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    args = evidence.parse_args(["--method", "frskd", "--seeds", "0", "--out", str(tmp_path / "ev")])
+    runs = evidence.PLANS["frskd"]()[0]
+    out, marker, _ = evidence.run_paths(args.out, "frskd", runs[0], 0)
+    os.makedirs(os.path.join(out, "frskd"))
+    open(os.path.join(out, "frskd", "last.pth"), "w").close()  # killed mid-run: no done marker
+    launched, real_run = [], subprocess.run
+
+    def fake_run(cmd, **kwargs):  # the method file's command is recorded, not run
+        if cmd[0] != sys.executable:
+            return real_run(cmd, **kwargs)
+        launched.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+    monkeypatch.setattr(evidence.subprocess, "run", fake_run)
+    assert evidence.execute(args, "frskd", runs[0], runs, 0)
+    assert launched[-1][-2:] == ["--resume", "auto"] and "--overwrite" not in launched[-1]
+    done = json.load(open(marker))
+    assert done["resumed"] is True and "--overwrite" in done["command"]  # the command it stands for
+    assert evidence.execute(args, "frskd", runs[0], runs, 0) and len(launched) == 1  # finished: skipped
+    os.remove(marker)  # a checkpoint left by another command is started over, not continued
+    with open(marker.replace(".done.json", ".started.json"), "w") as f:
+        json.dump({"command": ["frskd.py", "--epochs", "3"]}, f)
+    assert evidence.execute(args, "frskd", runs[0], runs, 0)
+    assert "--overwrite" in launched[-1] and "--resume" not in launched[-1]
 
 
 def test_unknown_run_name_is_one_sentence(capsys):

@@ -150,6 +150,13 @@ def run_paths(out_root, method, run, seed):
     return tuple(os.path.join(folder, f"seed{seed}{ext}") for ext in ("", ".done.json", ".log"))
 
 
+def interrupted(run, out, marker):
+    """Whether OUT holds a checkpoint of this run that did not finish (continue it, not redo it)."""
+    subs = {s for subs, _ in run.series.values() for s in subs} | {""}
+    return any(os.path.isfile(os.path.join(out, sub, "last.pth")) for sub in subs) and \
+        read_done(marker) is None
+
+
 def read_done(marker):
     try:
         with open(marker) as f:
@@ -220,14 +227,20 @@ def execute(args, method, run, runs, seed):
         return True
     if os.path.exists(marker):
         os.remove(marker)
+    started_path = marker.replace(".done.json", ".started.json")
+    resume = interrupted(run, out, marker) and read_done(started_path) in (None, {"command": cmd[1:]})
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(started_path, "w") as f:
+        json.dump({"command": cmd[1:]}, f)
     for sub in {s for subs, _ in run.series.values() for s in subs} | {""}:
         if os.path.isfile(os.path.join(out, sub, "summary.json")):  # of an earlier command
             os.remove(os.path.join(out, sub, "summary.json"))
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    print(f"{tag}: " + " ".join(shlex.quote(c) for c in ["python"] + cmd[1:]), flush=True)
+    # a run killed before it finished continues from its checkpoint
+    launch = [c for c in cmd if c != "--overwrite"] + ["--resume", "auto"] if resume else cmd
+    print(f"{tag}: " + " ".join(shlex.quote(c) for c in ["python"] + launch[1:]), flush=True)
     start = time.time()
-    with open(log, "w") as f:
-        result = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+    with open(log, "a" if resume else "w") as f:
+        result = subprocess.run(launch, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
     wall = time.time() - start
     if result.returncode != 0:
@@ -237,7 +250,8 @@ def execute(args, method, run, runs, seed):
               flush=True)
         return False
     with open(marker, "w") as f:
-        json.dump({"command": cmd[1:], "flags": flags, "wall": wall, "code": code_version(run.script),
+        json.dump({"command": cmd[1:], "flags": flags, "wall": wall, "resumed": resume,
+                   "code": code_version(run.script),
                    "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}, f, indent=1)
     print(f"{tag}: done in {wall:.0f}s{finals_line(run, out)}", flush=True)
