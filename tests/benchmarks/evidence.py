@@ -113,9 +113,9 @@ def meal_plan():
     runs = [
         Run("online", "meal_v2.py", lambda env: [], {online: (("",), "val_top1")},
             {"student init": (("",), "init_top1"), "teacher ensemble": (("",), "ensemble_top1")}),
+        Run("ce", "meal_v2.py", lambda env: ["--no-teachers"], {ce: (("",), "val_top1")}),
         Run("online_no_disc", "meal_v2.py", lambda env: ["--no-disc"],
             {online_nd: (("",), "val_top1")}),
-        Run("ce", "meal_v2.py", lambda env: ["--no-teachers"], {ce: (("",), "val_top1")}),
         Run("labels", "fkd.py",
             lambda env: ["--mode", "label", "--codec", "full", *teachers, "--labels", store_of(env)],
             note="ensemble label store (once per store)"),
