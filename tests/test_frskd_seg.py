@@ -332,6 +332,43 @@ def test_paired_transforms_keep_image_and_mask_aligned():
     assert val_image.size == val_mask.size == (16, 16) and set(np.unique(val_mask)) <= set(range(5))
 
 
+def _official_train_pair(image, mask, base, crop):
+    """The official training transforms, rebuilt from their description: flip (random() < 0.5);
+    short side = randint(base / 2, 2 base), long side scaled (int), image bilinear / mask nearest;
+    pad right/bottom to crop with 0 (image and mask); crop at randint offsets; blur (random() < 0.5,
+    radius random())."""
+    import random
+    from PIL import ImageFilter, ImageOps
+    if random.random() < 0.5:
+        image, mask = image.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
+    short = random.randint(int(base * 0.5), int(base * 2.0))
+    w, h = image.size
+    ow, oh = (short, int(1.0 * h * short / w)) if h > w else (int(1.0 * w * short / h), short)
+    image, mask = image.resize((ow, oh), Image.BILINEAR), mask.resize((ow, oh), Image.NEAREST)
+    if short < crop:
+        border = (0, 0, crop - ow if ow < crop else 0, crop - oh if oh < crop else 0)
+        image, mask = ImageOps.expand(image, border=border, fill=0), ImageOps.expand(mask, border=border, fill=0)
+    w, h = image.size
+    x1, y1 = random.randint(0, w - crop), random.randint(0, h - crop)
+    image, mask = image.crop((x1, y1, x1 + crop, y1 + crop)), mask.crop((x1, y1, x1 + crop, y1 + crop))
+    if random.random() < 0.5:
+        image = image.filter(ImageFilter.GaussianBlur(radius=random.random()))
+    return image, mask
+
+
+def test_train_transform_matches_official_draw_for_draw():
+    import random
+    image, mask = demo.render_scene(np.random.default_rng(3), size=48)
+    image, mask = image.resize((60, 44)), mask.resize((60, 44), Image.NEAREST)  # not square
+    for seed in range(30):
+        random.seed(seed)
+        ours = RandomScaleCropFlip(base=40, crop=40)(image, mask)
+        random.seed(seed)
+        reference = _official_train_pair(image, mask, base=40, crop=40)
+        for a, b in zip(ours, reference):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_demo_scenes_have_pixel_masks(tmp_path):
     image, mask = demo.render_scene(np.random.default_rng(0), size=48)
     values = np.unique(np.asarray(mask))
