@@ -72,7 +72,7 @@ def fkd_plan():
     fkd, online, ce = "FKD, stored labels", "online KD, teacher every step", "plain CE"
     runs = [
         Run("labels", "fkd.py", lambda env: ["--mode", "label", "--labels", store_of(env)],
-            note="label store (once per store)"),
+            note="labelling, once per store"),
         Run("fkd", "fkd.py", lambda env: ["--mode", "fkd", "--labels", store_of(env)],
             {fkd: (("",), "val_top1")}, {"teacher": (("",), "teacher_top1")}),
         Run("online", "fkd.py", lambda env: ["--mode", "online"], {online: (("",), "val_top1")}),
@@ -118,7 +118,7 @@ def meal_plan():
             {online_nd: (("",), "val_top1")}),
         Run("labels", "fkd.py",
             lambda env: ["--mode", "label", "--codec", "full", *teachers, "--labels", store_of(env)],
-            note="ensemble label store (once per store)"),
+            note="labelling with the ensemble, once per store"),
         Run("fast", "meal_v2.py", lambda env: ["--labels", store_of(env)],
             {fast: (("",), "val_top1")}),
         Run("fast_no_disc", "meal_v2.py", lambda env: ["--labels", store_of(env), "--no-disc"],
@@ -313,7 +313,8 @@ def collect(args, method):
                         "train_time": sum(r.get("train_time", 0.0) for r in records),
                         "images": total(records, "train_images", "train_crops"),
                         "steps": total(records, "train_steps"),
-                        "wall": done["wall"], "command": short, "code": done.get("code")}
+                        "wall": done["wall"], "resumed": done.get("resumed", False),
+                        "command": short, "code": done.get("code")}
             for label, (subs, key) in run.references.items():
                 path = locate(out, subs, "summary.json")
                 value = json.load(open(path)).get(key) if path else None
@@ -351,11 +352,12 @@ def tables(method, result, seeds):
         runs = list(entry["seeds"].values())
         per_seed = " / ".join(fmt(entry["seeds"].get(str(s), {}).get("final"), 1) for s in seeds)
         train = statistics.mean(r["train_time"] for r in runs)
-        wall = statistics.mean(r["wall"] for r in runs)
+        wall = f"{statistics.mean(r['wall'] for r in runs):.0f}"
+        wall += " (resumed: last part)" if any(r.get("resumed") for r in runs) else ""
         images, steps = runs[0].get("images"), runs[0].get("steps")
         budget = "-" if images is None else f"{images:,}" + ("" if steps is None else f" ({steps:,})")
         lines.append(f"| {label} | **{fmt(entry['final_mean'])} ± {fmt(entry['final_std'])}** | "
-                     f"{per_seed} | {budget} | {train:.0f} | {wall:.0f} | `{runs[0]['command']}` |")
+                     f"{per_seed} | {budget} | {train:.0f} | {wall} | `{runs[0]['command']}` |")
     for label, values in result["references"].items():
         mean, std = mean_std(list(values.values()))
         per_seed = " / ".join(fmt(values.get(str(s)), 1) for s in seeds)
