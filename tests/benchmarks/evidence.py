@@ -341,6 +341,11 @@ def fmt(value, digits=2):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def mean_pm_std(mean, std, count, sign=""):
+    """"m ± s" over seeds; one seed has no spread to show."""
+    return f"{mean:{sign}.2f} ± {std:.2f}" if count > 1 else f"{mean:{sign}.2f} (1 seed)"
+
+
 def tables(method, result, seeds):
     """Markdown: final top-1 per run (mean ± std, per seed, times), then the paired comparisons."""
     per = " / ".join(str(s) for s in seeds)
@@ -356,12 +361,13 @@ def tables(method, result, seeds):
         wall += " (resumed: last part)" if any(r.get("resumed") for r in runs) else ""
         images, steps = runs[0].get("images"), runs[0].get("steps")
         budget = "-" if images is None else f"{images:,}" + ("" if steps is None else f" ({steps:,})")
-        lines.append(f"| {label} | **{fmt(entry['final_mean'])} ± {fmt(entry['final_std'])}** | "
+        spread = mean_pm_std(entry["final_mean"], entry["final_std"], len(runs))
+        lines.append(f"| {label} | **{spread}** | "
                      f"{per_seed} | {budget} | {train:.0f} | {wall} | `{runs[0]['command']}` |")
     for label, values in result["references"].items():
         mean, std = mean_std(list(values.values()))
         per_seed = " / ".join(fmt(values.get(str(s)), 1) for s in seeds)
-        lines.append(f"| ({label}) | {fmt(mean)} ± {fmt(std)} | {per_seed} | | | | |")
+        lines.append(f"| ({label}) | {mean_pm_std(mean, std, len(values))} | {per_seed} | | | | |")
     for label, step in result.get("steps", {}).items():
         wall = statistics.mean(step["wall"].values())
         lines.append(f"| ({label}) | | | | | {wall:.0f} | `{step['command']}` |")
@@ -372,7 +378,7 @@ def tables(method, result, seeds):
             per_seed = " / ".join(f"{c['diff'][str(s)]:+.1f}" if str(s) in c["diff"] else "-"
                                   for s in seeds)
             lines.append(f"| {c['run']} vs {c['control']} | {c['budget']} | "
-                         f"**{c['mean']:+.2f} ± {c['std']:.2f}** | {per_seed} | "
+                         f"**{mean_pm_std(c['mean'], c['std'], c['seeds'], '+')}** | {per_seed} | "
                          f"{c['wins']} of {c['seeds']} seeds |")
     return "\n".join(lines)
 
