@@ -786,6 +786,10 @@ def run(args, explicit, ctx):
     metrics, best, train_time = train(args, ctx, train_set, val_sets, store,
                                       teachers if args.mode == "online" else [], student, student_cfg)
     del teachers
+    if not metrics:  # --resume auto on a run that had already finished: nothing trained, keep its summary
+        ctx.print(f"FKD: {args.out} already holds a finished run of {args.epochs} epochs; nothing to do "
+                  f"(its results are in {os.path.join(args.out, 'summary.json')})")
+        return
     top1 = metrics.get("val_top1", float("nan"))
     summary = (f"FKD summary: mode {args.mode}, student {args.arch}, {args.epochs} epochs, "
                + (f"teacher top-1 {teacher_top1:.2f}%, " if teacher_top1 is not None else "")

@@ -615,6 +615,10 @@ def run(args, ctx):
     ensemble_top1 = evaluate_ensemble(teachers, root, train_set.classes, args, ctx) if teachers else None
     metrics, best, train_time = train(args, ctx, train_set, val_sets, store, teachers if store is None else [],
                                       model, discriminator, optimizer, scaler, checkpoint, cfg)
+    if not metrics:  # --resume auto on a run that had already finished: nothing trained, keep its summary
+        ctx.print(f"MEAL V2: {args.out} already holds a finished run of {args.epochs} epochs; nothing to "
+                  f"do (its results are in {os.path.join(args.out, 'summary.json')})")
+        return
     route = {"online": "online teachers", "labels": "labels (Fast MEAL V2)",
              "ce": "CE fine-tuning, no teachers"}[route_name(args).replace("_nodisc", "")]
     ctx.print(f"MEAL V2 summary: {route}, student {args.arch}, {args.epochs} epochs: top-1 "

@@ -133,6 +133,10 @@ def test_resume_continues_the_same_run(base_run, tiny_data, tiny_teacher, tmp_pa
     refused = run_script(fkd_args(tiny_data, tiny_teacher, tmp_path / "r", *labels), check=False)
     assert refused.returncode != 0 and "--resume auto" in refused.stderr  # never overwrite silently
     run_script(fkd_args(tiny_data, tiny_teacher, tmp_path / "r", *labels, "--resume", "auto"))
+    summary = (tmp_path / "r" / "summary.json").read_text()
+    again = run_script(fkd_args(tiny_data, tiny_teacher, tmp_path / "r", *labels, "--resume", "auto"))
+    assert "already holds a finished run" in again.stdout  # a finished run: nothing to do, no crash
+    assert (tmp_path / "r" / "summary.json").read_text() == summary
     a, b = metrics(out), metrics(tmp_path / "r")
     assert [r["epoch"] for r in b] == [2, 3, 4]
     for x, y in zip(a, b):
