@@ -568,9 +568,21 @@ class TopDownFPN(nn.Module):
         return levels + [p6, self.level7(p6)]
 
 
+class DepthwisePointConv(nn.Conv2d):
+    """The official node conv, a depthwise 1x1 conv (weight [C, 1, 1, 1], bias [C], PyTorch's init),
+    computed as the per-channel multiply-add it is: the same result, several times fewer CPU cycles
+    than the grouped-convolution path on small maps."""
+
+    def __init__(self, channels):
+        super().__init__(channels, channels, 1, groups=channels)
+
+    def forward(self, x):
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
 def channel_node(width):
     """A segmentation BiFPN node (official): per-channel (depthwise) 1x1 conv -> BN -> ReLU."""
-    return nn.Sequential(nn.Conv2d(width, width, 1, groups=width), nn.BatchNorm2d(width), nn.ReLU())
+    return nn.Sequential(DepthwisePointConv(width), nn.BatchNorm2d(width), nn.ReLU())
 
 
 class SegBiFPNLayer(nn.Module):
@@ -749,7 +761,7 @@ def train_segmentation(args, ctx, train_set, val_set, out):
     for epoch in range(start_epoch, args.epochs):
         seed_rank_epoch(args.seed, ctx.rank, epoch)
         sampler.set_epoch(epoch, epoch)
-        ramp = distillation_ramp(epoch, args.warmup_epochs, args.epochs)
+        ramp = 0.0 if args.baseline else distillation_ramp(epoch, args.warmup_epochs, args.epochs)
         alpha, beta = args.alpha * ramp, args.beta * ramp
         net.train()
         lr = optimizer.param_groups[0]["lr"]
@@ -821,7 +833,7 @@ SEG_RECIPES = {  # --task segmentation
                 accum_steps=2, lr=0.01, wd=5e-4, crop_size=512, num_classes=21, alpha=1.0, beta=50.0,
                 temperature=1.0, repeat=2, bifpn_layers=3, clip_value=2.0, workers=4),
     # laptop-sized: 64 px scenes, a tiny EfficientNet from random init, 2/3 of the epochs warm-up as official
-    "demo": dict(arch="test_efficientnet", init="none", epochs=16, warmup_epochs=11, milestones=[11], batch_size=8,
+    "demo": dict(arch="test_efficientnet", init="none", epochs=10, warmup_epochs=7, milestones=[7], batch_size=8,
                  accum_steps=1, lr=0.02, wd=5e-4, crop_size=demo.SEG_IMAGE_SIZE, num_classes=len(demo.SEG_CLASSES),
                  alpha=1.0, beta=50.0, temperature=1.0, repeat=2, bifpn_layers=3, clip_value=2.0, workers=2),
 }

@@ -203,21 +203,22 @@ def resolve_teachers(specs, default, ctx=None, log=print):
 # ----------------------------------------------------------------------------------------------
 # Segmentation demo: the same shapes with pixel masks (class 0 = background, shape k = class k + 1)
 # ----------------------------------------------------------------------------------------------
-SEG_VERSION = 1  # of the segmentation set; bump when its rendering changes
+SEG_VERSION = 2  # of the segmentation set; bump when its rendering changes
 SEG_CLASSES = ("background",) + CLASSES
 SEG_IMAGE_SIZE = 64
-SEG_TRAIN_IMAGES, SEG_VAL_IMAGES = 600, 200
+SEG_TRAIN_IMAGES, SEG_VAL_IMAGES = 480, 160
 
 
-def render_scene(rng, size=SEG_IMAGE_SIZE, max_shapes=3):
-    """One segmentation demo image and its mask: 1..max_shapes shapes of random classes (later
-    ones drawn over earlier ones) on a cluttered background; clutter is background in the mask."""
+def render_scene(rng, size=SEG_IMAGE_SIZE, max_shapes=2):
+    """One segmentation demo image and its mask: 1..max_shapes shapes of random classes, of the
+    classification set's sizes (later ones drawn over earlier ones), on a cluttered background;
+    clutter is background in the mask."""
     img, draw, background = cluttered_background(rng, size)
     mask = Image.new("L", (size, size), 0)
     mask_draw = ImageDraw.Draw(mask)
     for _ in range(rng.integers(1, max_shapes + 1)):
         class_index = int(rng.integers(len(CLASSES)))
-        radius = rng.uniform(0.14, 0.3) * size
+        radius = rng.uniform(0.2, 0.36) * size
         cx, cy = rng.uniform(radius * 0.5, size - radius * 0.5, 2)
         angle, color = rng.uniform(0, 2 * math.pi), _class_color(class_index, rng)
         draw_shape(draw, CLASSES[class_index], cx, cy, radius, angle, color, background)
