@@ -528,8 +528,8 @@ class EfficientNetTaps(nn.Module):
             if stride in (4, 8, 16) and len(taps) == (4, 8, 16).index(stride):
                 taps.append(index)
         if stride != 32 or len(taps) != 3:
-            raise ModelError(f"{type(model).__name__} does not step through strides 4, 8, 16 and 32 block by "
-                             f"block; pass an EfficientNet (--arch tf_efficientnet_b0, tf_efficientnet_b1, ...)")
+            raise ModelError(f"{type(model).__name__} does not step through strides 4, 8, 16 and 32 block "
+                             f"by block; pass an EfficientNet (--arch tf_efficientnet_b0, ...)")
         self.taps = taps + [len(self.blocks) - 1]
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -594,13 +594,15 @@ class SegBiFPNLayer(nn.Module):
     def __init__(self, width, levels=6, top_down_only=False):
         super().__init__()
         self.up_nodes = nn.ModuleList(channel_node(width) for _ in range(levels))
-        self.down_nodes = None if top_down_only else nn.ModuleList(channel_node(width) for _ in range(levels - 1))
+        self.down_nodes = None if top_down_only else \
+            nn.ModuleList(channel_node(width) for _ in range(levels - 1))
 
     def forward(self, inputs):
         n = len(inputs)
         top_down = [None] * n
         top_down[-1] = self.up_nodes[-1](inputs[-1])
         for i in reversed(range(n - 1)):
+            # official: nn.Upsample(scale_factor=W_i / W_{i+1}); the same wherever sizes halve exactly
             up = F.interpolate(top_down[i + 1], size=inputs[i].shape[-2:], mode="bilinear", align_corners=False)
             top_down[i] = self.up_nodes[i](inputs[i] + up)
         if self.down_nodes is None:
@@ -624,13 +626,14 @@ class FRSKDSegNet(nn.Module):
     trains the classifier's layers too, as official) + its own head. Logits are upsampled
     bilinearly to the input size. forward -> (features F_i, logits, refined T_i, self-teacher logits)."""
 
-    def __init__(self, backbone, num_classes, width, classifier_layers=3, self_teacher_layers=2, self_teacher=True):
+    def __init__(self, backbone, num_classes, width, classifier_layers=3, self_teacher_layers=2,
+                 self_teacher=True):
         super().__init__()
         self.backbone = backbone
         self.fpn = TopDownFPN(backbone.channels, width)
         self.bifpn = nn.Sequential(*[SegBiFPNLayer(width) for _ in range(classifier_layers)])
         self.head = segmentation_head(width, num_classes)
-        self.self_teacher = self.self_teacher_head = None
+        self.self_teacher = self.self_teacher_head = None  # official baseline: built and run, unused
         if self_teacher:
             self.self_teacher = nn.Sequential(*[SegBiFPNLayer(width, top_down_only=k == self_teacher_layers - 1)
                                                 for k in range(self_teacher_layers)])
@@ -664,12 +667,14 @@ def frskd_seg_loss(logits, self_teacher_logits, features, refined, masks, alpha,
     ce_self_teacher = F.cross_entropy(self_teacher_logits, masks, ignore_index=IGNORE_INDEX)
     kd = pixel_kd_loss(logits, self_teacher_logits, temperature)  # Eq. 4
     feature = attention_loss(features, refined)  # Eq. 3, self-teacher side detached
-    return ce_classifier + ce_self_teacher + alpha * kd + beta * feature, (ce_classifier, ce_self_teacher, kd, feature)
+    total = ce_classifier + ce_self_teacher + alpha * kd + beta * feature  # Eq. 5
+    return total, (ce_classifier, ce_self_teacher, kd, feature)
 
 
 def distillation_ramp(epoch, warmup, epochs):
     """Factor on alpha and beta in 0-based `epoch` (official warm-up and annealing): 0 for the first
-    `warmup` epochs, then the sigmoid ramp-up exp(-5 (1 - t)^2), t = (epoch + 1 - warmup) / (epochs - warmup)."""
+    `warmup` epochs, then the sigmoid ramp-up exp(-5 (1 - t)^2), t = (epoch + 1 - warmup) /
+    (epochs - warmup)."""
     if epoch < warmup:
         return 0.0
     if epochs <= warmup:
@@ -739,8 +744,8 @@ def train_segmentation(args, ctx, train_set, val_set, out):
     optimizer = make_optimizer_for(net, args)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, 0.1)
     scaler = ctx.grad_scaler(args)
-    checkpoint = ckpt.Checkpointer(out, ctx, args.resume, args.overwrite, args=args, model=net, optimizer=optimizer,
-                                   scheduler=scheduler, scaler=scaler)
+    checkpoint = ckpt.Checkpointer(out, ctx, args.resume, args.overwrite, args=args, model=net,
+                                   optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     start_epoch, best = checkpoint.restore()
     model = net
     if ctx.distributed:
@@ -752,7 +757,8 @@ def train_segmentation(args, ctx, train_set, val_set, out):
                                                                 seed=args.seed, drop_last=True))
     data = loader(SeededItems(train_set, args.seed, ctx.rank), micro_batch, args.workers, sampler, ctx.device,
                   drop_last=True)
-    updates = len(data) // args.accum_steps  # whole accumulation groups only (a tail is not stepped)
+    # whole accumulation groups (official: a leftover micro-batch's gradient goes into the next epoch)
+    updates = len(data) // args.accum_steps
     if updates == 0:
         raise DataError(f"each process gets {len(data)} batches of {micro_batch} images per epoch, fewer than "
                         f"--accum-steps {args.accum_steps}; lower --batch-size or --accum-steps")
@@ -792,14 +798,15 @@ def train_segmentation(args, ctx, train_set, val_set, out):
         metrics = {"epoch": epoch + 1, "lr": lr, "alpha": alpha, "beta": beta, "train_loss": loss_sum / count,
                    "train_ce": ce_c / count, "train_ce_self_teacher": ce_t / count, "train_kd": kd / count,
                    "train_feature": feat / count, "train_time": time.time() - epoch_start}
-        result = evaluate_segmentation(SegLogits(model), val_data, ctx, args.mean, args.std, args.num_classes, args,
-                                       heads=1 if args.baseline else 2, desc="val")
+        result = evaluate_segmentation(SegLogits(model), val_data, ctx, args.mean, args.std, args.num_classes,
+                                       args, heads=1 if args.baseline else 2, desc="val")
         if not args.baseline:
             result, self_teacher_result = result
             metrics["val_self_teacher_miou"] = self_teacher_result["miou"]
         metrics.update(val_miou=result["miou"], val_pixel_acc=result["pixel_acc"])
         best = max(best, metrics["val_miou"])
-        if end_segmentation_epoch(checkpoint, ctx, metrics, best, args, arch=args.arch, num_classes=args.num_classes):
+        if end_segmentation_epoch(checkpoint, ctx, metrics, best, args, arch=args.arch,
+                                  num_classes=args.num_classes):
             break
     return metrics, best, time.time() - run_start
 
@@ -833,12 +840,14 @@ SEG_RECIPES = {  # --task segmentation
                 accum_steps=2, lr=0.01, wd=5e-4, crop_size=512, num_classes=21, alpha=1.0, beta=50.0,
                 temperature=1.0, repeat=2, bifpn_layers=3, clip_value=2.0, workers=4),
     # laptop-sized: 64 px scenes, a tiny EfficientNet from random init, 2/3 of the epochs warm-up as official
-    "demo": dict(arch="test_efficientnet", init="none", epochs=10, warmup_epochs=7, milestones=[7], batch_size=8,
-                 accum_steps=1, lr=0.02, wd=5e-4, crop_size=demo.SEG_IMAGE_SIZE, num_classes=len(demo.SEG_CLASSES),
-                 alpha=1.0, beta=50.0, temperature=1.0, repeat=2, bifpn_layers=3, clip_value=2.0, workers=2),
+    "demo": dict(arch="test_efficientnet", init="none", epochs=10, warmup_epochs=7, milestones=[7],
+                 batch_size=8, accum_steps=1, lr=0.02, wd=5e-4, crop_size=demo.SEG_IMAGE_SIZE,
+                 num_classes=len(demo.SEG_CLASSES), alpha=1.0, beta=50.0, temperature=1.0, repeat=2,
+                 bifpn_layers=3, clip_value=2.0, workers=2),
 }
 SEG_BIFPN_WIDTHS = {"efficientnet_b0": 64, "efficientnet_b1": 88, "efficientnet_b2": 112}  # official outc
-SEG_ONLY_FLAGS = ("init", "num_classes", "bifpn_layers", "warmup_epochs", "accum_steps", "clip_value", "crop_size")
+SEG_ONLY_FLAGS = ("init", "num_classes", "bifpn_layers", "warmup_epochs", "accum_steps", "clip_value",
+                  "crop_size")
 CLASSIFICATION_ONLY_FLAGS = ("recipe", "val_data", "mixup", "cutmix", "input_size", "crop_pct", "augment")
 
 
@@ -895,18 +904,19 @@ def parse_args(argv=None):
     seg.add_argument("--init", help="backbone weights: timm tag (default ARCH.aa_in1k for tf_efficientnet_b*), "
                                     "NAME=PATH, or 'none' (random init)")
     seg.add_argument("--num-classes", type=flags.positive_int, help="classes incl. background (VOC: 21)")
-    seg.add_argument("--bifpn-layers", type=flags.positive_int, help="BiFPN layers of the classifier network (3)")
+    seg.add_argument("--bifpn-layers", type=flags.positive_int, help="the classifier network's BiFPN layers (3)")
     seg.add_argument("--warmup-epochs", type=flags.nonneg_int, help="epochs with alpha = beta = 0 (40)")
     seg.add_argument("--accum-steps", type=flags.positive_int,
                      help="micro-batches whose gradients make one SGD step of --batch-size (2)")
     seg.add_argument("--clip-value", type=flags.positive_float, help="gradient value clipping (2.0)")
-    seg.add_argument("--crop-size", type=flags.positive_int, help="training crop side and validation resize (512)")
+    seg.add_argument("--crop-size", type=flags.positive_int, help="training crop and validation size (512)")
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--task")
     early.add_argument("--data")
     known = early.parse_known_args(argv)[0]
     if known.task == "segmentation":  # the segmentation recipe's defaults replace the classification ones
-        p.set_defaults(**SEG_RECIPES["demo" if known.data == "demo" else "voc"], mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        recipe = SEG_RECIPES["demo" if known.data == "demo" else "voc"]
+        p.set_defaults(**recipe, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     args = p.parse_args(argv)
     if args.task == "segmentation":
         return segmentation_args(args, p)
@@ -930,7 +940,8 @@ def segmentation_args(args, parser):
     if args.bifpn_channels is None:
         args.bifpn_channels = SEG_BIFPN_WIDTHS.get(name.removeprefix("tf_"), 64)
     if args.init is None:  # ImageNet weights; timm's default B0 tag is trained on JFT
-        args.init = f"{name}.aa_in1k" if name.startswith("tf_efficientnet_b") and "." not in args.arch else args.arch
+        tf_b = name.startswith("tf_efficientnet_b") and "." not in args.arch
+        args.init = f"{name}.aa_in1k" if tf_b else args.arch
     return args
 
 
@@ -990,8 +1001,8 @@ def run(args, ctx):
 
 def run_segmentation(args, ctx):
     if args.batch_size % (ctx.world * args.accum_steps):
-        raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the {ctx.world} processes x "
-                         f"--accum-steps {args.accum_steps}")
+        raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the {ctx.world} "
+                         f"processes x --accum-steps {args.accum_steps}")
     start = time.time()
     root = demo.ensure_segmentation_data(ctx) if args.data == "demo" else args.data
     train_pairs, val_pairs, layout = find_pairs(root)

@@ -40,8 +40,8 @@ def _voc_split(year_dir, split):
     listing = os.path.join(year_dir, "ImageSets", "Segmentation", f"{split}.txt")
     with open(listing) as f:
         ids = [line.strip() for line in f if line.strip()]
-    return [(os.path.join(year_dir, "JPEGImages", f"{i}.jpg"), os.path.join(year_dir, "SegmentationClass", f"{i}.png"))
-            for i in ids]
+    return [(os.path.join(year_dir, "JPEGImages", f"{i}.jpg"),
+             os.path.join(year_dir, "SegmentationClass", f"{i}.png")) for i in ids]
 
 
 def voc_pairs(root):
@@ -77,8 +77,8 @@ def folder_pairs(root, split):
         if ext.lower() not in IMAGE_EXTENSIONS:
             continue
         if stem not in masks:
-            raise DataError(f"image {os.path.join(images_dir, name)} has no mask {os.path.join(masks_dir, stem)}.png; "
-                            f"add the mask or remove the image")
+            raise DataError(f"image {os.path.join(images_dir, name)} has no mask "
+                            f"{os.path.join(masks_dir, stem)}.png; add the mask or remove the image")
         pairs.append((os.path.join(images_dir, name), masks[stem]))
     if not pairs:
         raise DataError(f"{images_dir} holds no images; put the {split} images there and their masks "
@@ -193,7 +193,8 @@ class ResizePair:
         self.size = size
 
     def __call__(self, image, mask):
-        return image.resize((self.size, self.size), Image.BILINEAR), mask.resize((self.size, self.size), Image.NEAREST)
+        size = (self.size, self.size)
+        return image.resize(size, Image.BILINEAR), mask.resize(size, Image.NEAREST)
 
 
 class SegmentationSet(Dataset):

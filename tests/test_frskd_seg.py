@@ -68,7 +68,8 @@ def _official_forward(net, x):
     p6 = _conv_bn_relu(c5, fpn.level6)
     p7 = _conv_bn_relu(p6, fpn.level7)
     p5 = _conv_bn_relu(c5, fpn.lateral[3])
-    up_add = lambda top, lateral: F.interpolate(top, size=lateral.shape[2:], mode="bilinear") + lateral  # noqa: E731
+    def up_add(top, lateral):
+        return F.interpolate(top, size=lateral.shape[2:], mode="bilinear") + lateral
     p4 = up_add(p5, _conv_bn_relu(c4, fpn.lateral[2]))
     p3 = up_add(p4, _conv_bn_relu(c3, fpn.lateral[1]))
     p2 = up_add(p3, _conv_bn_relu(c2, fpn.lateral[0]))
@@ -130,7 +131,8 @@ def test_backbone_taps_are_the_official_layer_ends(arch, taps, channels):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         bn = model.bn1
-        h = F.batch_norm(model.conv_stem(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0, bn.eps)
+        h = F.batch_norm(model.conv_stem(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0,
+                         bn.eps)
         expected = []
         for index, block in enumerate(b for stage in model.blocks for b in stage):
             h = block(h)
@@ -249,7 +251,8 @@ def test_distillation_terms_give_no_gradient_to_the_self_teacher():
     teacher_params = list(net.self_teacher.parameters()) + list(net.self_teacher_head.parameters())
     classifier_params = [net.backbone.conv_stem.weight, net.bifpn[0].up_nodes[0][0].weight]
     for term in (kd, feat):
-        grads = torch.autograd.grad(term, teacher_params + classifier_params, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(term, teacher_params + classifier_params, retain_graph=True,
+                                    allow_unused=True)
         assert all(g is None or g.abs().max() == 0 for g in grads[:len(teacher_params)])
         assert all(g is not None and g.abs().max() > 0 for g in grads[len(teacher_params):])
     # the self-teacher's own CE trains it and, through its input, the classifier's BiFPN and backbone
@@ -264,7 +267,8 @@ def _write_pair(image_path, mask_path, mask, image_size=None):
     os.makedirs(os.path.dirname(image_path), exist_ok=True)
     os.makedirs(os.path.dirname(mask_path), exist_ok=True)
     h, w = mask.shape
-    Image.fromarray((np.stack([mask] * 3, -1) * 20).astype(np.uint8)).resize(image_size or (w, h)).save(image_path)
+    image = Image.fromarray((np.stack([mask] * 3, -1) * 20).astype(np.uint8))
+    image.resize(image_size or (w, h)).save(image_path)
     Image.fromarray(mask.astype(np.uint8)).save(mask_path)
 
 
@@ -277,8 +281,8 @@ def test_voc_layout_splits(tmp_path):
         for split, names in ids.items():
             (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
             for name in names:
-                _write_pair(str(root / "JPEGImages" / f"{name}.jpg"), str(root / "SegmentationClass" / f"{name}.png"),
-                            mask)
+                _write_pair(str(root / "JPEGImages" / f"{name}.jpg"),
+                            str(root / "SegmentationClass" / f"{name}.png"), mask)
     train, val, layout = find_pairs(str(tmp_path))
     assert layout == "VOCdevkit"
     assert [os.path.basename(i) for i, _ in train] == ["000001.jpg", "000002.jpg", "2012_000001.jpg"]
