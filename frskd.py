@@ -720,18 +720,6 @@ def build_seg_net(args, num_classes):
     return net, extra
 
 
-def end_segmentation_epoch(checkpoint, ctx, metrics, best, args, **meta):
-    """Checkpointer.end_epoch, scored by val_miou instead of val_top1: log, print, save, barrier."""
-    checkpoint.log.append(metrics)
-    ctx.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-    checkpoint.save(metrics["epoch"], metrics["val_miou"], best, args, **meta)
-    ctx.barrier()
-    stop = args.stop_epoch is not None and metrics["epoch"] >= args.stop_epoch
-    if stop:
-        ctx.print(f"stopping after epoch {metrics['epoch']} (--stop-epoch); continue with --resume auto")
-    return stop
-
-
 def train_segmentation(args, ctx, train_set, val_set, out):
     net, extra = build_seg_net(args, args.num_classes)
     weights = "random init" if args.init == "none" else describe_data_config(extra)
@@ -805,8 +793,8 @@ def train_segmentation(args, ctx, train_set, val_set, out):
             metrics["val_self_teacher_miou"] = self_teacher_result["miou"]
         metrics.update(val_miou=result["miou"], val_pixel_acc=result["pixel_acc"])
         best = max(best, metrics["val_miou"])
-        if end_segmentation_epoch(checkpoint, ctx, metrics, best, args, arch=args.arch,
-                                  num_classes=args.num_classes):
+        if checkpoint.end_epoch(metrics, best, args, score="val_miou", arch=args.arch,
+                                num_classes=args.num_classes):
             break
     return metrics, best, time.time() - run_start
 

@@ -434,13 +434,14 @@ class Checkpointer:
         self.ctx.print(f"resumed {self.resume_path} at epoch {state['epoch']}")
         return state["epoch"], state["best_top1"]
 
-    def end_epoch(self, metrics, best, args, **meta):
-        """Append the epoch's metrics to the log and print them, checkpoint, wait for all ranks.
+    def end_epoch(self, metrics, best, args, score="val_top1", **meta):
+        """Append the epoch's metrics to the log and print them, checkpoint (best.pth by
+        metrics[score]: top-1, or e.g. val_miou), wait for all ranks.
         Returns True when --stop-epoch says to stop here."""
         epoch = metrics["epoch"]
         self.log.append(metrics)
         self.ctx.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-        self.save(epoch, metrics["val_top1"], best, args, **meta)
+        self.save(epoch, metrics[score], best, args, **meta)
         self.ctx.barrier()
         stop = args.stop_epoch is not None and epoch >= args.stop_epoch
         if stop:

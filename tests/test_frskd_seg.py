@@ -423,6 +423,8 @@ def test_cli_end_to_end_and_resume(tiny_seg_data, tmp_path, capsys):
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[0]["alpha"] == records[0]["beta"] == 0.0 and records[1]["beta"] == 50.0  # ramp reaches 1
     assert 0.0 <= records[1]["val_miou"] <= 100.0 and "val_self_teacher_miou" in records[1]
+    best_epoch = max(records, key=lambda r: (r["val_miou"], r["epoch"]))["epoch"]  # ties: the later
+    assert torch.load(os.path.join(full, "best.pth"), weights_only=True)["epoch"] == best_epoch  # by mIoU
     frskd.main(["--task", "segmentation", "--data", tiny_seg_data, "--out", split, "--stop-epoch", "1"] + TINY)
     frskd.main(["--task", "segmentation", "--data", tiny_seg_data, "--out", split, "--resume", "auto"] + TINY)
     resumed = _metrics(split)
