@@ -22,7 +22,7 @@ from .data import DataError, image_folder, load_rgb
 from .models import create, normalize
 
 VERSION = 1  # of the data set; bump when the rendering changes (invalidates caches)
-TEACHER_VERSION = 3  # of the demo teachers' training (3: crops independent of M, crop-then-resize replay)
+TEACHER_VERSION = 2  # of the demo teachers' training (2: PIL crops)
 CLASSES = ("disc", "square", "triangle", "plus", "ring", "star", "diamond", "crescent", "hexagon", "arrow")
 IMAGE_SIZE = 64
 TRAIN_PER_CLASS, VAL_PER_CLASS = 150, 50
