@@ -966,22 +966,31 @@ def run(args, ctx):
                                             args.batch_size, args.workers, ctx)
     base = f"runs/frskd_{args.recipe_name}" + ("_baseline" if args.baseline else "")
     out = ckpt.resolve_out(args.out, base, ctx, args.resume)
+    train_and_summarize(args, ctx, out, start, "top1", lambda run_args, run_out: train(
+        run_args, ctx, train_set, val_sets, cfg, run_out), lambda a: f", w {a.width}")
+
+
+def train_and_summarize(args, ctx, out, start, metric, train_one, describe):
+    """Train the run the flags ask for (on the demo also the baseline with the same flags, in
+    OUT/frskd and OUT/baseline), print one summary line, write OUT/summary.json.
+    train_one(run_args, run_out) -> (final metrics, best val_<metric>, seconds)."""
     runs = [("baseline" if args.baseline else "frskd", args)]
-    if args.data == "demo" and not args.baseline:  # the demo also trains the plain-CE baseline
+    if args.data == "demo" and not args.baseline:  # the demo also trains the baseline (same epochs)
         runs.append(("baseline", argparse.Namespace(**dict(vars(args), baseline=True))))
     results = {}
     for name, run_args in runs:
-        run_out = out if len(runs) == 1 else os.path.join(out, name)
-        ctx.print(f"training {name}: {run_args.arch}, {run_args.epochs} epochs" + (
-            "" if run_args.baseline else f", alpha {run_args.alpha}, beta {run_args.beta}, w {run_args.width}"))
-        metrics, best, seconds = train(run_args, ctx, train_set, val_sets, cfg, run_out)
-        results[name] = {"final": metrics, "best_top1": best, "train_time": seconds}
-    line = ", ".join(f"{name} classifier top-1 {r['final'].get('val_top1', float('nan')):.2f}% "
-                     f"(best {r['best_top1']:.2f}%, {r['train_time']:.0f}s)"
-                     + (f", self-teacher {r['final']['val_self_teacher_top1']:.2f}%"
-                        if "val_self_teacher_top1" in r["final"] else "") for name, r in results.items())
-    ctx.print(f"FRSKD summary: {args.arch}, {args.epochs} epochs: {line}; "
-              f"total {time.time() - start:.0f}s, out {out}")
+        ctx.print(f"training {name}: {run_args.task}, {run_args.arch}, {run_args.epochs} epochs" + ("" if
+                  run_args.baseline else f", alpha {run_args.alpha}, beta {run_args.beta}" + describe(run_args)))
+        metrics, best, seconds = train_one(run_args, out if len(runs) == 1 else os.path.join(out, name))
+        results[name] = {"final": metrics, f"best_{metric}": best, "train_time": seconds}
+    name = "top-1" if metric == "top1" else "mIoU"
+    line = ", ".join(f"{run} classifier {name} {r['final'].get(f'val_{metric}', float('nan')):.2f}% "
+                     f"(best {r[f'best_{metric}']:.2f}%, {r['train_time']:.0f}s)"
+                     + (f", self-teacher {r['final'][f'val_self_teacher_{metric}']:.2f}%"
+                        if f"val_self_teacher_{metric}" in r["final"] else "") for run, r in results.items())
+    title = "FRSKD summary" if args.task == "classification" else "FRSKD segmentation summary"
+    ctx.print(f"{title}: {args.arch}, {args.epochs} epochs: {line}; total {time.time() - start:.0f}s, "
+              f"out {out}")
     if ctx.main:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(results, f, indent=1)
@@ -1000,27 +1009,8 @@ def run_segmentation(args, ctx):
     val_set = SegmentationSet(val_pairs, ResizePair(args.crop_size))
     base = f"runs/frskd_{args.recipe_name}" + ("_baseline" if args.baseline else "")
     out = ckpt.resolve_out(args.out, base, ctx, args.resume)
-    runs = [("baseline" if args.baseline else "frskd", args)]
-    if args.data == "demo" and not args.baseline:  # the demo also trains the baseline (same epochs)
-        runs.append(("baseline", argparse.Namespace(**dict(vars(args), baseline=True))))
-    results = {}
-    for name, run_args in runs:
-        run_out = out if len(runs) == 1 else os.path.join(out, name)
-        ctx.print(f"training {name} (segmentation): {run_args.arch}, {run_args.epochs} epochs" + (
-            "" if run_args.baseline else f", alpha {run_args.alpha}, beta {run_args.beta} after "
-                                         f"{run_args.warmup_epochs} warm-up epochs"))
-        metrics, best, seconds = train_segmentation(run_args, ctx, train_set, val_set, run_out)
-        results[name] = {"final": metrics, "best_miou": best, "train_time": seconds}
-    line = "; ".join(f"{name} classifier mIoU {r['final'].get('val_miou', float('nan')):.2f}% "
-                     f"(best {r['best_miou']:.2f}%, {r['train_time']:.0f}s)"
-                     + (f", self-teacher {r['final']['val_self_teacher_miou']:.2f}%"
-                        if "val_self_teacher_miou" in r["final"] else "") for name, r in results.items())
-    ctx.print(f"FRSKD segmentation summary: {args.arch}, {args.epochs} epochs: {line}; "
-              f"total {time.time() - start:.0f}s, out {out}")
-    if ctx.main:
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(results, f, indent=1)
-
+    train_and_summarize(args, ctx, out, start, "miou", lambda run_args, run_out: train_segmentation(
+        run_args, ctx, train_set, val_set, run_out), lambda a: f" after {a.warmup_epochs} warm-up epochs")
 
 if __name__ == "__main__":
     main()

@@ -452,3 +452,22 @@ def test_cli_end_to_end_resume_with_workers_and_torchrun(tiny_data, tmp_path):
     ddp = [json.loads(line) for line in open(tmp_path / "c" / "metrics.jsonl")]
     assert [r["val_count"] for r in ddp] == [9, 9] and ddp[0]["train_feature"] > 0
     assert result.stdout.count("FRSKD summary") == 1
+
+
+def test_demo_trains_frskd_then_the_baseline_with_the_same_flags(tmp_path, monkeypatch, capsys):
+    """`--data demo`: FRSKD in OUT/frskd, then plain CE with the same flags in OUT/baseline, one
+    summary line naming both, and summary.json with both runs (tiny demo set, 1 epoch)."""
+    monkeypatch.setenv("KD_DEMO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(frskd.demo, "TRAIN_PER_CLASS", 4)
+    monkeypatch.setattr(frskd.demo, "VAL_PER_CLASS", 1)
+    out = tmp_path / "out"
+    frskd.main(["--data", "demo", "--out", str(out), "--epochs", "1", "--milestones", "1", "--batch-size", "8",
+                "--workers", "0", "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "FRSKD summary" in line]
+    assert len(lines) == 1 and "frskd classifier top-1" in lines[0] and "baseline classifier top-1" in lines[0]
+    summary = json.load(open(out / "summary.json"))
+    assert set(summary) == {"frskd", "baseline"} and "best_top1" in summary["baseline"]
+    assert "val_self_teacher_top1" in summary["frskd"]["final"]
+    assert "val_self_teacher_top1" not in summary["baseline"]["final"]
+    for run in ("frskd", "baseline"):
+        assert [json.loads(r)["epoch"] for r in open(out / run / "metrics.jsonl")] == [1]

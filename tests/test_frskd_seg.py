@@ -448,3 +448,21 @@ def test_cli_bad_mask_is_one_sentence(tiny_seg_data, tmp_path):
         frskd.main(["--task", "segmentation", "--data", str(data), "--out", str(tmp_path / "o")] + TINY)
     message = str(error.value)
     assert "s1.png holds class id 42" in message and "\n" not in message
+
+
+def test_demo_trains_frskd_then_the_baseline(tmp_path, monkeypatch, capsys):
+    """`--task segmentation --data demo` on a tiny scene set: both runs, one summary, best by mIoU."""
+    monkeypatch.setenv("KD_DEMO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "SEG_TRAIN_IMAGES", 8)
+    monkeypatch.setattr(demo, "SEG_VAL_IMAGES", 2)
+    out = tmp_path / "out"
+    frskd.main(SEG[1:] + ["--data", "demo", "--out", str(out), "--epochs", "2", "--warmup-epochs", "1",
+                          "--milestones", "1", "--crop-size", "32", "--workers", "0", "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "FRSKD segmentation summary" in line]
+    assert len(lines) == 1 and "frskd classifier mIoU" in lines[0] and "baseline classifier mIoU" in lines[0]
+    summary = json.load(open(out / "summary.json"))
+    assert set(summary) == {"frskd", "baseline"} and "best_miou" in summary["frskd"]
+    assert "val_self_teacher_miou" in summary["frskd"]["final"]
+    assert "val_self_teacher_miou" not in summary["baseline"]["final"]
+    baseline = _metrics(str(out / "baseline"))
+    assert [r["epoch"] for r in baseline] == [1, 2] and baseline[1]["alpha"] == baseline[1]["beta"] == 0.0
