@@ -181,6 +181,17 @@ def fresh_run(base, now=None):
     raise CheckpointError(f"cannot find a free run folder under {base}; pass --out")
 
 
+def share_decision(ctx, path, error, note):
+    """Send rank 0's (path, error, note) to every rank: every rank raises the same error (no rank
+    waits for another), rank 0 prints the note; returns the path."""
+    path, error, note = ctx.broadcast_object((path, error, note))
+    if error:
+        raise CheckpointError(error)
+    if note:
+        ctx.print(note)
+    return path
+
+
 def resolve_out(out, base, ctx, resume=None):
     """The run's output folder, created and locked (rank 0 decides; every rank gets the answer).
 
@@ -204,11 +215,7 @@ def resolve_out(out, base, ctx, resume=None):
             note = lock_out(path)
         except CheckpointError as exc:
             error = str(exc)
-    path, error, note = ctx.broadcast_object((path, error, note))
-    if error:
-        raise CheckpointError(error)
-    if note:
-        ctx.print(note)
+    path = share_decision(ctx, path, error, note)
     if not out:
         ctx.print(f"output folder: {path}")
     return path
@@ -405,12 +412,7 @@ class Checkpointer:
                     check_resume(self._state, path, args, self.script)
             except ModelError as exc:  # also CheckpointError and read_checkpoint's errors
                 error = str(exc)
-        path, error, note = ctx.broadcast_object((path, error, note))
-        if error:
-            raise CheckpointError(error)
-        if note:
-            ctx.print(note)
-        self.resume_path = path
+        self.resume_path = share_decision(ctx, path, error, note)
         self.log = MetricsLog(out, ctx.main)
 
     def restore(self):
