@@ -61,7 +61,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from common import ckpt, demo, flags
-from common.data import (DataError, SeededItems, eval_loader, eval_transform, evaluate, image_folder,
+from common.data import (DataError, SeededItems, eval_loader, eval_transform, evaluate_sets, image_folder,
                          train_transform)
 from common.dist import cleanup, derive_seed, maybe_compile, seed_rank_epoch, seeded, setup, unwrap
 from common.models import (ModelError, create, describe_data_config, init_spec, normalize, parse_spec,
@@ -530,11 +530,7 @@ def train(args, ctx, train_items, val_sets, out):
             metrics["precise_bn_batches"] = precise_bn_stats(unwrap(net).model, (
                 prepare_images(batch, cfg, ctx.device, lighting, args.lighting, noise)
                 for batch, _ in itertools.islice(data, precise_batches)))
-        for name, val_loader in val_sets.items():
-            result = evaluate(unwrap(net).model, val_loader, ctx, cfg["mean"], cfg["std"], args,
-                              desc=name)
-            metrics.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],
-                            f"{name}_count": result["count"]})
+        metrics.update(evaluate_sets(unwrap(net).model, val_sets, ctx, cfg["mean"], cfg["std"], args))
         best = max(best, metrics["val_top1"])
         if checkpoint.end_epoch(metrics, best, args, arch=args.arch, num_classes=num_classes,
                                 data_config=cfg):

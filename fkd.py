@@ -59,8 +59,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from common import ckpt, demo, flags
 from common.crops import replay_crops, sample_crops
-from common.data import (DataError, FreshCrops, TaggedSampler, eval_loader, evaluate, eval_transform,
-                         image_folder, load_rgb, loader, mix_batch)
+from common.data import (DataError, FreshCrops, TaggedSampler, eval_loader, evaluate, evaluate_sets,
+                         eval_transform, image_folder, load_rgb, loader, mix_batch)
 from common.dist import cleanup, epoch_generator, maybe_compile, seed_rank_epoch, seeded, setup, unwrap
 from common.labels import (CODECS, IMAGE_FIELDS, LabelStore, StoreError, StoredCrops, decode,
                            decode_stored_batch, encode, free_bytes, human_bytes, identity_digest,
@@ -337,12 +337,7 @@ def evaluate_all(model, val_sets, ctx, cfg, args):
     (SSL labels of another width)."""
     if not val_sets:
         return {"val_top1": float("nan")}
-    metrics = {}
-    for name, val_loader in val_sets.items():
-        result = evaluate(model, val_loader, ctx, cfg["mean"], cfg["std"], args, desc=name)
-        metrics.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],
-                        f"{name}_count": result["count"]})
-    return metrics
+    return evaluate_sets(model, val_sets, ctx, cfg["mean"], cfg["std"], args)
 
 
 # ----------------------------------------------------------------------------------------------

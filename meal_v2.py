@@ -73,7 +73,7 @@ from torch.utils.data import DistributedSampler
 
 from common import ckpt, demo, flags
 from common.data import (DataError, FreshCrops, TaggedSampler, eval_loader, eval_transform, evaluate,
-                         image_folder, loader)
+                         evaluate_sets, image_folder, loader)
 from common.dist import cleanup, derive_seed, maybe_compile, seed_rank_epoch, seeded, setup, unwrap
 from common.labels import (LabelStore, StoreError, StoredCrops, decode, decode_stored_batch, encode,
                            free_bytes, human_bytes, image_list_hash, teacher_identity)
@@ -382,10 +382,7 @@ def train(args, ctx, train_set, val_sets, store, teachers, model, discriminator,
                    "train_loss": loss_sum / seen, "train_kd": kd_sum / seen, "train_disc": d_sum / seen,
                    "train_top1": 100 * correct / seen, "train_crops": int(seen),
                    "train_time": time.time() - epoch_start, "step_time_median": timer.median()}
-        for name, val_loader in val_sets.items():
-            result = evaluate(unwrap(model), val_loader, ctx, cfg["mean"], cfg["std"], args, desc=name)
-            metrics.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],
-                            f"{name}_count": result["count"]})
+        metrics.update(evaluate_sets(unwrap(model), val_sets, ctx, cfg["mean"], cfg["std"], args))
         best = max(best, metrics["val_top1"])
         if checkpoint.end_epoch(metrics, best, args, arch=args.arch, num_classes=num_classes,
                                 data_config=cfg):

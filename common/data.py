@@ -221,6 +221,16 @@ def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval", heads=1
     return results if heads > 1 else results[0]
 
 
+def evaluate_sets(model, val_sets, ctx, mean, std, amp=False):
+    """evaluate() on each named loader ({"val": ..., "extra0": ...}): one dict with NAME_top1,
+    NAME_top5 and NAME_count per set, the keys of the per-epoch metrics log."""
+    metrics = {}
+    for name, data_loader in val_sets.items():
+        result = evaluate(model, data_loader, ctx, mean, std, amp, desc=name)
+        metrics.update({f"{name}_{key}": result[key] for key in ("top1", "top5", "count")})
+    return metrics
+
+
 def train_transform(size, scale=(0.08, 1.0), interpolation="bilinear"):
     """RandomResizedCrop + horizontal flip, uint8 tensor (normalized later on the device)."""
     return transforms.Compose([
