@@ -599,15 +599,7 @@ def parse_args(argv=None):
     p.add_argument("--interpolation", type=flags.interpolation, default="bilinear")
     p.add_argument("--norm", choices=["model", "imagenet", "cifar"],
                    help="mean/std: the model's, ImageNet's, or CIFAR's (default: the recipe's)")
-    p.add_argument("--workers", type=flags.nonneg_int)
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
-    p.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default="float16")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--seed", type=flags.nonneg_int, default=0)
-    p.add_argument("--resume", help="checkpoint to continue, or 'auto' for the newest run")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--stop-epoch", type=flags.positive_int, help="stop after this epoch (--resume auto goes on)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    flags.add_run_flags(p)
     args = p.parse_args(argv)
     args.recipe = "demo" if args.data == "demo" and args.recipe is None else (args.recipe or "imagenet")
     recipe = RECIPES[args.recipe]

@@ -474,17 +474,8 @@ def parse_args(argv=None):
     p.add_argument("--cutmix", type=flags.nonneg_float, default=0.0,
                    help="cutmix alpha on soft labels (0 = off)")
     # run
-    p.add_argument("--workers", type=flags.nonneg_int, help="DataLoader workers per rank")
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
-    p.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the student")
-    p.add_argument("--seed", type=flags.nonneg_int, default=0)
-    p.add_argument("--resume", help="checkpoint to continue, or 'auto' for the newest run's last.pth")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out holding a run")
+    flags.add_run_flags(p, "the student")
     p.add_argument("--eval-only", action="store_true", help="evaluate --init and exit")
-    p.add_argument("--stop-epoch", type=flags.positive_int, help="stop after this epoch as if interrupted "
-                   "(split a run into time-limited jobs; continue with --resume auto)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--show-images", type=flags.positive_int, default=6, help="images in the --mode show grid")
     args = p.parse_args(argv)
     explicit = {key for key, value in vars(args).items() if value is not None}

@@ -878,16 +878,7 @@ def parse_args(argv=None):
     p.add_argument("--augment", choices=["rrc", "pad_crop"], help="random-resized crop, or CIFAR pad-4 crop")
     p.add_argument("--mean", type=flags.fraction, nargs=3, help="per-channel normalization mean (recipe's)")
     p.add_argument("--std", type=flags.positive_float, nargs=3, help="per-channel normalization std (recipe's)")
-    p.add_argument("--workers", type=flags.nonneg_int)
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
-    p.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default="float16",
-                   help="autocast dtype with --amp (bfloat16 needs no loss scaling)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--seed", type=flags.nonneg_int, default=0)
-    p.add_argument("--resume", help="checkpoint to continue, or 'auto' (OUT/last.pth; without --out the newest run)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--stop-epoch", type=flags.positive_int, help="stop after this epoch (continue with --resume auto)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    flags.add_run_flags(p)
     seg = p.add_argument_group("segmentation only (defaults: SEG_RECIPES)")
     seg.add_argument("--init", help="backbone weights: timm tag (default ARCH.aa_in1k for tf_efficientnet_b*), "
                                     "NAME=PATH, or 'none' (random init)")

@@ -44,3 +44,20 @@ def interpolation(text):
     if text not in INTERPOLATIONS:
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(INTERPOLATIONS)}, got {text!r}")
     return text
+
+
+def add_run_flags(parser, network="the network"):
+    """The flags every method file takes for how a run runs (not what it trains): loader workers,
+    AMP, compile, seed, resume/overwrite/stop-epoch and the device."""
+    add = parser.add_argument
+    add("--workers", type=nonneg_int, help="DataLoader workers per process (default: the recipe's)")
+    add("--amp", action="store_true", help="mixed precision (CUDA only)")
+    add("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
+        help="autocast dtype with --amp (bfloat16 needs no loss scaling)")
+    add("--compile", action="store_true", help=f"torch.compile {network}")
+    add("--seed", type=nonneg_int, default=0)
+    add("--resume", help="checkpoint to continue, or 'auto' (OUT/last.pth; without --out the newest run)")
+    add("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    add("--stop-epoch", type=positive_int, help="stop after this epoch as if interrupted (split a run into "
+        "time-limited jobs; continue with --resume auto)")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"])
