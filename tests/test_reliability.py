@@ -228,11 +228,17 @@ def test_killed_generation_under_torchrun_resumes_byte_identical(tiny_data, tiny
                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     done_file = tmp_path / "killed" / "labels" / "done.npy"
+    meta_file = tmp_path / "killed" / "labels" / "meta.json"
+
+    def ready():  # meta.json says "allocating" while done.npy is being created (it may be empty then)
+        try:
+            return json.loads(meta_file.read_text()).get("state") == "ready"
+        except (OSError, ValueError):
+            return False
     deadline = time.time() + 240
     while time.time() < deadline:
-        if done_file.exists() and (tmp_path / "killed" / "labels" / "meta.json").exists():
-            if 0 < np.load(done_file, mmap_mode="r").sum() < 18:
-                break
+        if ready() and 0 < np.load(done_file, mmap_mode="r").sum() < 18:
+            break
         time.sleep(0.02)
     os.killpg(job.pid, signal.SIGKILL)  # torchrun and both workers at once
     job.wait()
