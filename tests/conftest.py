@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny ImageFolder made from demo renders, and tiny local teacher files."""
+import json
 import os
 import subprocess
 import sys
@@ -62,3 +63,13 @@ def run_script(args, timeout=600, env=None, check=True):
 
 def torchrun(nproc=2):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def label_store_ready(folder):
+    """Whether a label store's meta.json says "ready": while it says "allocating", done.npy and the
+    other arrays are still being created (a reader may find them empty)."""
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            return json.load(f).get("state") == "ready"
+    except (OSError, ValueError):
+        return False

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, make_image_folder, make_teacher, run_script, torchrun
+from conftest import ROOT, label_store_ready, make_image_folder, make_teacher, run_script, torchrun
 from common.crops import replay_crops
 from common.data import load_rgb, image_folder
 from common.labels import LabelStore, encode, label_identity
@@ -91,16 +91,9 @@ def test_killed_generation_resumes_byte_identical(tiny_data, tiny_teacher, tmp_p
     proc = subprocess.Popen(fkd_args(tiny_data, tiny_teacher, tmp_path / "killed", *slow), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done_file = tmp_path / "killed" / "labels" / "done.npy"
-    meta_file = tmp_path / "killed" / "labels" / "meta.json"
-
-    def ready():  # meta.json says "allocating" while done.npy is being created (it may be empty then)
-        try:
-            return json.loads(meta_file.read_text()).get("state") == "ready"
-        except (OSError, ValueError):
-            return False
     deadline = time.time() + 120
     while time.time() < deadline:
-        if ready():
+        if label_store_ready(done_file.parent):
             done = np.load(done_file, mmap_mode="r")
             if 0 < done.sum() < len(done):
                 break

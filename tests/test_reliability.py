@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from common.ckpt import save_atomic
-from conftest import ROOT, make_image_folder, make_teacher, run_script, torchrun
+from conftest import ROOT, label_store_ready, make_image_folder, make_teacher, run_script, torchrun
 
 FKD = ["--arch", "test_efficientnet", "--input-size", "32", "--batch-size", "8", "--num-crops", "2",
        "--stored-crops", "4", "--k", "2", "--epochs", "2", "--workers", "0", "--label-batch", "4"]
@@ -228,16 +228,9 @@ def test_killed_generation_under_torchrun_resumes_byte_identical(tiny_data, tiny
                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     done_file = tmp_path / "killed" / "labels" / "done.npy"
-    meta_file = tmp_path / "killed" / "labels" / "meta.json"
-
-    def ready():  # meta.json says "allocating" while done.npy is being created (it may be empty then)
-        try:
-            return json.loads(meta_file.read_text()).get("state") == "ready"
-        except (OSError, ValueError):
-            return False
     deadline = time.time() + 240
     while time.time() < deadline:
-        if ready() and 0 < np.load(done_file, mmap_mode="r").sum() < 18:
+        if label_store_ready(done_file.parent) and 0 < np.load(done_file, mmap_mode="r").sum() < 18:
             break
         time.sleep(0.02)
     os.killpg(job.pid, signal.SIGKILL)  # torchrun and both workers at once
