@@ -75,6 +75,53 @@ class Context:
         return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+class EpochSums:
+    """Per-epoch sums kept on the device (no host sync per step), all-reduced once at epoch end.
+
+    `add(n, loss=l, correct=c)` adds n * l for a batch mean l, or c as it is for a count
+    (`counts=`); `means(ctx)` returns ({name: sum / n over all ranks}, n over all ranks)."""
+
+    def __init__(self, device):
+        self.device, self.count, self.sums = device, 0, {}
+
+    def add(self, n, counts=(), **values):
+        self.count += n
+        for name, value in values.items():
+            value = value.detach() if torch.is_tensor(value) else torch.tensor(float(value))
+            value = value.to(self.device, torch.float64) * (1 if name in counts else n)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def means(self, ctx):
+        names = sorted(self.sums)
+        *sums, count = ctx.all_reduce_sum([self.sums[k].item() for k in names] + [self.count])
+        return {k: s / max(count, 1) for k, s in zip(names, sums)}, int(count)
+
+
+def on_every_rank(ctx, work, errors, raise_as):
+    """Run `work()` on rank 0 and share its outcome: an error of one of the types `errors` there
+    ends every rank as `raise_as(sentence)` instead of leaving the others waiting for rank 0."""
+    result, message = None, None
+    if ctx.main:
+        try:
+            result = work()
+        except errors as exc:
+            message = str(exc)
+    message = ctx.broadcast_object(message)
+    if message is not None:
+        raise raise_as(message)
+    return result
+
+
+def one_sentence(error):
+    """An error raised in a DataLoader worker carries the worker's traceback: keep its last line."""
+    text = str(error)
+    if "Traceback (most recent call last)" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        kind, _, rest = last.partition(": ")
+        text = rest if rest and kind.replace(".", "").isidentifier() else last  # "module.Error: ..."
+    return text
+
+
 def amp_dtype(args):
     return getattr(args, "amp_dtype", None) or "float16"
 
@@ -160,7 +207,7 @@ def _duration(seconds):
     return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
 
 
-def setup(device="auto"):
+def setup(device="auto", threads=None):
     """Initialise the process group if torchrun started us, and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -181,21 +228,53 @@ def setup(device="auto"):
         dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=30),
                                 device_id=torch_device if torch_device.type == "cuda" else None)
-    threads = cpu_threads(torch_device, world, os.environ)
+    threads, why = cpu_threads(torch_device, int(os.environ.get("LOCAL_WORLD_SIZE", world)), os.environ,
+                               threads)
     if threads:
         torch.set_num_threads(threads)
-    return Context(rank, world, local_rank, torch_device)
+    ctx = Context(rank, world, local_rank, torch_device)
+    if why:
+        ctx.print(f"threads: {torch.get_num_threads()} per process ({why}; set --threads N to choose)")
+    return ctx
 
 
-def cpu_threads(device, world, environ):
-    """Threads per rank for torch on CPU under torchrun, or None to leave torch's choice.
+def idle_cores(sample_seconds=0.1):
+    """(cores this process may use, how many of them were idle over a short sample of /proc/stat).
 
-    An explicit OMP_NUM_THREADS is respected (the user knows what else shares the machine; note
-    that torchrun itself sets it to 1 for several processes per node); otherwise the cores are
-    shared between the ranks of this node instead of oversubscribed."""
-    if device.type != "cpu" or world <= 1 or environ.get("OMP_NUM_THREADS"):
-        return None
-    return max(1, (os.cpu_count() or 1) // int(environ.get("LOCAL_WORLD_SIZE", world)))
+    The sample is machine-wide, so another job's busy cores count as taken; off Linux every core
+    counts as idle."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    def busy_and_total():
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq ...
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+    try:
+        busy0, total0 = busy_and_total()
+        time.sleep(sample_seconds)
+        busy1, total1 = busy_and_total()
+    except (OSError, ValueError, IndexError):
+        return cores, float(cores)
+    busy = (os.cpu_count() or cores) * (busy1 - busy0) / max(total1 - total0, 1)
+    return cores, max(0.0, min(float(cores), cores - busy))
+
+
+def cpu_threads(device, local_world, environ, requested=None, measure=idle_cores):
+    """(intra-op threads per process on CPU, or None for torch's choice; a line saying why).
+
+    --threads N wins, then an explicit OMP_NUM_THREADS (torchrun sets it to 1 for several processes
+    per node); otherwise the cores idle at start, shared between this node's processes. Threads on
+    cores that another job keeps busy make every parallel region wait for the descheduled thread:
+    label generation ran 3.4x slower with one busy core beside it (docs/performance.md)."""
+    if requested:
+        return requested, f"--threads {requested}"
+    if device.type != "cpu":
+        return None, None
+    if environ.get("OMP_NUM_THREADS"):
+        return None, f"OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}"
+    cores, idle = measure()
+    threads = max(1, int(idle + 0.5) // max(1, local_world))
+    return threads, f"{cores} cores, {idle:.1f} idle at start, {local_world} process(es) on this node"
 
 
 def cleanup():

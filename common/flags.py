@@ -61,3 +61,18 @@ def add_run_flags(parser, network="the network"):
     add("--stop-epoch", type=positive_int, help="stop after this epoch as if interrupted (split a run into "
         "time-limited jobs; continue with --resume auto)")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add("--threads", type=positive_int, help="CPU threads per process (default: the idle cores at start)")
+
+
+def given(parser, argv):
+    """The dest names of the flags present on the command line `argv` (None: sys.argv), so that a
+    recipe, a switch or a demo default never overrides a value the user typed."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in saved:
+            action.default = default
+

@@ -196,12 +196,20 @@ def test_bar_is_tqdm_on_a_terminal_and_plain_lines_otherwise(monkeypatch):
     assert isinstance(dist.Context(rank=1, world=2).bar(range(3)), tqdm)  # disabled off rank 0
 
 
-def test_cpu_threads_respect_an_explicit_omp_num_threads():
-    from common.dist import cpu_threads
-    cpu = torch.device("cpu")
-    assert cpu_threads(cpu, 2, {"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}) is None
-    assert cpu_threads(cpu, 2, {"LOCAL_WORLD_SIZE": "2"}) == max(1, (os.cpu_count() or 1) // 2)
-    assert cpu_threads(cpu, 1, {}) is None and cpu_threads(torch.device("cuda", 0), 2, {}) is None
+def test_cpu_threads_policy_uses_idle_cores_and_respects_explicit_choices():
+    from common.dist import cpu_threads, idle_cores
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert cpu_threads(cpu, 2, {"OMP_NUM_THREADS": "1"}, requested=3)[0] == 3  # --threads wins
+    assert cpu_threads(cpu, 2, {"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"})[0] is None  # respected
+    assert cpu_threads(cuda, 1, {})[0] is None
+    # idle cores at start, shared between the node's processes; a busy core is not counted
+    assert cpu_threads(cpu, 1, {}, measure=lambda: (4, 3.7))[0] == 4
+    assert cpu_threads(cpu, 1, {}, measure=lambda: (2, 1.1))[0] == 1
+    assert cpu_threads(cpu, 2, {}, measure=lambda: (4, 3.9))[0] == 2
+    assert cpu_threads(cpu, 1, {}, measure=lambda: (2, 0.0))[0] == 1
+    assert "1.1 idle" in cpu_threads(cpu, 1, {}, measure=lambda: (2, 1.1))[1]
+    cores, idle = idle_cores(0.05)
+    assert cores == len(os.sched_getaffinity(0)) and 0.0 <= idle <= cores
 
 
 # ---------------------------------------------------------------------------------------------
