@@ -47,13 +47,13 @@ from torchvision.transforms.v2 import functional as TF
 
 from common import ckpt, demo, flags
 from common.crops import replay_crops, sample_crops
-from common.data import (DataError, FreshCrops, TaggedSampler, eval_loader, evaluate, evaluate_sets,
+from common.data import (DataError, FreshCrops, TaggedSampler, eval_loader, eval_sets, evaluate, evaluate_sets,
                          eval_transform, image_folder, load_rgb, loader, mix_batch)
-from common.dist import (EpochSums, cleanup, epoch_generator, maybe_compile, on_every_rank, one_sentence,
-                         seed_rank_epoch, seeded, setup, unwrap)
-from common.labels import (CODECS, IMAGE_FIELDS, LabelStore, StoreError, StoredCrops, decode,
-                           decode_stored_batch, encode, free_bytes, human_bytes, identity_digest,
-                           label_identity, open_for_generation, teacher_identity)
+from common.dist import (EpochSums, epoch_generator, maybe_compile, on_every_rank, run_main, seed_rank_epoch,
+                         seeded, unwrap)
+from common.labels import (CODECS, LabelStore, StoreError, StoredCrops, check_for_training, decode,
+                           decode_stored_batch, default_store_path, describe_store, encode, label_identity,
+                           lock_store, open_for_generation, teacher_identity)
 from common.models import (ModelError, create, describe_data_config, init_spec, load_teachers,
                            make_optimizer, normalize, teacher_logits)
 
@@ -390,68 +390,67 @@ SIZE_CHECK_LIMIT = 50_000  # images whose sizes are checked at start; larger set
 NOT_TRAINING_FLAGS = ("overwrite_labels", "import_from", "import_layout", "import_label_type", "show_images")
 
 
+FLAGS = [  # flag, kind (a common.flags parser checks the value), help[, argparse extras]
+    ("--data", str, "ImageFolder root with train/ and val/, or 'demo'", dict(required=True)),
+    ("--val-data", "append", "extra ImageFolder to evaluate on (same classes)", dict(default=[])),
+    ("--mode", ["fkd", "label", "online", "ce", "show", "import"], "", dict(default="fkd")),
+    ("--recipe", sorted(RECIPES), "default: demo for --data demo, else resnet50"),
+    ("--out", str, "output folder (default: a fresh runs/fkd_<data>_<mode>/<time> per run)"),
+    ("--labels", str, "label store (default: runs/fkd_labels/<data>-<hash of the label settings>)"),
+    ("--overwrite-labels", "store_true", "make the label store again from the start"),
+    ("--import-from", str, "--mode import: folder of the authors' released label files"),
+    ("--import-layout", ["fkd", "meal"], "released tree: fkd (train/<class>/<name>.tar) or meal (one more "
+     "folder level)", dict(default="fkd")),
+    ("--import-label-type", ["marginal_renorm"], "--mode import: decode top-K files with re-norm (Eq. 6-7) "
+     "instead of smoothing (Eq. 5); the released files are identical"),
+    ("--arch", str, "student timm model"),
+    ("--init", str, "student initial weights: timm tag or NAME=PATH (default: random)"),
+    ("--teacher", "append", f"NAME or NAME=PATH[?input_size=..]; repeat for an ensemble ({L2_TEACHER}; "
+     "demo: a cached demo teacher)"),
+    ("--zero-init-last", argparse.BooleanOptionalAction, "timm ResNets: zero-init each block's last BN "
+     "gamma (the ResNet-50 recipes don't, as the official code)"),
+    ("--stored-crops", flags.positive_int, "M, crops stored per image (paper: 500)"),
+    ("--crop-scale", flags.open_fraction, "RandomResizedCrop area range", dict(nargs=2)),
+    ("--crop-ratio", flags.positive_float, "", dict(nargs=2, default=(3 / 4, 4 / 3))),
+    ("--codec", CODECS, "label compression, Sec. 3.5"),
+    ("--k", flags.positive_int, "top-K of the ms/mr codecs"),
+    ("--temperature", flags.positive_float, "softmax temperature (official 1)", dict(default=1.0)),
+    ("--stores", ["probs", "logits"], "logits: SSL variant, Sec. 3.4", dict(default="probs")),
+    ("--label-dim", flags.positive_int, "--stores logits: width of the teacher's outputs"),
+    ("--label-batch", flags.positive_int, "crops per teacher forward"),
+    ("--flush-every", flags.positive_int, "images marked done together (the most a kill redoes per rank)",
+     dict(default=64)),
+    ("--num-crops", flags.positive_int, "m, crops of one image in a batch (official 4)"),
+    ("--epochs", flags.positive_int, ""),
+    ("--batch-size", flags.positive_int, "global batch in crops (all ranks)"),
+    ("--lr", flags.positive_float, "default: the recipe's linear scaling rule"),
+    ("--wd", flags.nonneg_float, ""),
+    ("--wd-params", ["all", "weights"], "decay all parameters, or weights only"),
+    ("--opt", ["sgd", "adamw"], ""),
+    ("--momentum", flags.fraction_below_one, "", dict(default=0.9)),
+    ("--warmup-epochs", flags.nonneg_int, "single-crop warmup epochs"),
+    ("--warmup-lr", flags.nonneg_float, "lr of the first warmup epoch"),
+    ("--min-lr", flags.nonneg_float, ""),
+    ("--color-jitter", flags.nonneg_float, "jitter on the replayed crops (0 = off)"),
+    ("--input-size", flags.positive_int, "student training resolution"),
+    ("--interpolation", flags.interpolation, "student crop resize", dict(default="bilinear")),
+    ("--crop-pct", flags.open_fraction, "eval center-crop fraction (0.875: 256 -> 224)"),
+    ("--mixup", flags.nonneg_float, "mixup alpha on soft labels (0 = off)", dict(default=0.0)),
+    ("--cutmix", flags.nonneg_float, "cutmix alpha on soft labels (0 = off)", dict(default=0.0)),
+    ("--eval-only", "store_true", "evaluate --init and exit"),
+    ("--show-images", flags.positive_int, "images in the --mode show picture", dict(default=6)),
+]
+
+
 def parse_args(argv=None):
-    """Returns (args, explicit): `explicit` names the flags given on the command line among those
-    whose default comes from the recipe (or is None)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = p.add_argument
-    add("--data", required=True, help="ImageFolder root with train/ and val/, or 'demo'")
-    add("--val-data", action="append", default=[], help="extra ImageFolder to evaluate on (same classes)")
-    add("--mode", default="fkd", choices=["fkd", "label", "online", "ce", "show", "import"])
-    add("--recipe", choices=sorted(RECIPES), help="default: demo for --data demo, else resnet50")
-    add("--out", help="output folder (default: a fresh runs/fkd_<data>_<mode>/<time> per run)")
-    add("--labels", help="label store (default: runs/fkd_labels/<data>-<hash of the label settings>)")
-    add("--overwrite-labels", action="store_true", help="make the label store again from the start")
-    add("--import-from", help="--mode import: folder of the authors' released label files")
-    add("--import-layout", default="fkd", choices=["fkd", "meal"],
-        help="released tree: fkd (train/<class>/<name>.tar) or meal (one more folder level)")
-    add("--import-label-type", choices=["marginal_renorm"], help="--mode import: decode top-K files with "
-        "marginal re-norm (Eq. 6-7) instead of smoothing (Eq. 5); the released files are identical")
-    add("--arch", help="student timm model")
-    add("--init", help="student initial weights: timm tag or NAME=PATH (default: random)")
-    add("--teacher", action="append", help=f"NAME or NAME=PATH[?input_size=..]; repeat for an ensemble "
-        f"(default {L2_TEACHER}; demo: a cached demo teacher)")
-    add("--zero-init-last", action=argparse.BooleanOptionalAction, default=None, help="timm ResNets: "
-        "zero-init each block's last BN gamma (the ResNet-50 recipes don't, as the official code)")
-    add("--stored-crops", type=flags.positive_int, help="M, crops stored per image (paper: 500)")
-    add("--crop-scale", type=flags.open_fraction, nargs=2, help="RandomResizedCrop area range")
-    add("--crop-ratio", type=flags.positive_float, nargs=2, default=(3 / 4, 4 / 3))
-    add("--codec", choices=CODECS, help="label compression, Sec. 3.5")
-    add("--k", type=flags.positive_int, help="top-K of the ms/mr codecs")
-    add("--temperature", type=flags.positive_float, default=1.0, help="softmax temperature (official 1)")
-    add("--stores", default="probs", choices=["probs", "logits"], help="logits: SSL variant, Sec. 3.4")
-    add("--label-dim", type=flags.positive_int, help="--stores logits: width of the teacher's outputs")
-    add("--label-batch", type=flags.positive_int, help="crops per teacher forward")
-    add("--flush-every", type=flags.positive_int, default=64,
-        help="images flushed and marked done together (the most work a kill redoes per rank)")
-    add("--num-crops", type=flags.positive_int, help="m, crops of one image in a batch (official 4)")
-    add("--epochs", type=flags.positive_int)
-    add("--batch-size", type=flags.positive_int, help="global batch in crops (all ranks)")
-    add("--lr", type=flags.positive_float, help="default: the recipe's linear scaling rule")
-    add("--wd", type=flags.nonneg_float)
-    add("--wd-params", choices=["all", "weights"], help="decay all parameters, or weights only")
-    add("--opt", choices=["sgd", "adamw"])
-    add("--momentum", type=flags.fraction_below_one, default=0.9)
-    add("--warmup-epochs", type=flags.nonneg_int, help="single-crop warmup epochs")
-    add("--warmup-lr", type=flags.nonneg_float, help="lr of the first warmup epoch")
-    add("--min-lr", type=flags.nonneg_float)
-    add("--color-jitter", type=flags.nonneg_float, help="jitter on the replayed crops (0 = off)")
-    add("--input-size", type=flags.positive_int, help="student training resolution")
-    add("--interpolation", type=flags.interpolation, default="bilinear", help="student crop resize")
-    add("--crop-pct", type=flags.open_fraction, help="eval center-crop fraction (0.875: 256 -> 224)")
-    add("--mixup", type=flags.nonneg_float, default=0.0, help="mixup alpha on soft labels (0 = off)")
-    add("--cutmix", type=flags.nonneg_float, default=0.0, help="cutmix alpha on soft labels (0 = off)")
-    flags.add_run_flags(p, "the student")
-    add("--eval-only", action="store_true", help="evaluate --init and exit")
-    add("--show-images", type=flags.positive_int, default=6, help="images in the --mode show picture")
-    args = p.parse_args(argv)
-    explicit = {key for key, value in vars(args).items() if value is not None}
+    """Returns (args, explicit): the flags given on the command line are never overridden by the recipe."""
+    parser = flags.build_parser(__doc__.split("\n\n")[0], FLAGS, "the student")
+    args, explicit = parser.parse_args(argv), flags.given(parser, argv)
     args.recipe = args.recipe or ("demo" if args.data == "demo" else "resnet50")
     for key, value in RECIPES[args.recipe].items():
-        if key not in ("reported", "lr_rule") and getattr(args, key, None) is None:
+        if key not in ("reported", "lr_rule") and key not in explicit:
             setattr(args, key, list(value) if isinstance(value, list) else value)
-    if args.lr is None:  # linear scaling rule of the paper's recipes
+    if "lr" not in explicit:  # linear scaling rule of the paper's recipes
         base, per = lr_rule(args, RECIPES[args.recipe])
         args.lr = base * args.batch_size / per
     return args, explicit
@@ -509,83 +508,9 @@ def data_tag(data):
     return "demo" if data == "demo" else os.path.basename(os.path.normpath(data)) or "data"
 
 
-def default_labels_path(args, root, teachers_identity, label_dim):
-    """runs/fkd_labels/<data>-<hash of the data folder and the label flags>: one store per data set
-    and label settings, shared by every run that uses them (modes fkd, label, show)."""
-    settings = {"data_root": os.path.abspath(root), "teachers": teachers_identity,
-                "crop_scale": args.crop_scale, "crop_ratio": args.crop_ratio, "seed": args.seed,
-                "num_crops": args.stored_crops, "codec": args.codec,
-                "k": args.k if args.codec in ("ms", "mr") else 1, "stores": args.stores,
-                "temperature": None if args.stores == "logits" else args.temperature, "label_dim": label_dim}
-    return os.path.join("runs", "fkd_labels", f"{data_tag(args.data)}-{identity_digest(settings, list(settings))}")
-
-
-def describe_store(path, meta=None, store=None):
-    """'label store PATH: 18.5 GB on disk for N images x M crops (ms, K=5), 1.2 TB free on its disk'."""
-    meta = store.meta if store is not None else meta
-    size = store.bytes_on_disk() if store is not None else LabelStore.planned_bytes(meta)
-    return (f"label store {path}: {human_bytes(size)} {'on disk' if store is not None else 'to allocate'} for "
-            f"{meta['num_images']} images x {meta['num_crops']} crops ({meta['codec']}"
-            f"{', K=' + str(meta['k']) if meta['codec'] in ('ms', 'mr') else ''}), "
-            f"{human_bytes(free_bytes(path))} free on its disk")
-
-
-def lock_labels(path, ctx):
-    """Hold .NAME.lock beside the store while generating into it: two runs sharing a (default) store
-    never create or write it at the same time."""
-    parent, name = os.path.split(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    try:
-        note = ckpt.hold_lock(os.path.join(parent, f".{name}.lock"), "labels:" + os.path.realpath(path),
-                              "another run", "wait for it to end (it is labelling these images), or pass "
-                              "another --labels folder", f"label store {path}")
-    except PermissionError as error:
-        raise StoreError(f"cannot write next to label store {path} ({error}); pass a writable --labels "
-                         f"folder") from None
-    if note:
-        ctx.print(note)
-
-
-def open_store_for_training(args, explicit, ctx, train_set, store, teachers_identity, label_dim):
-    """Refuse a store made for other images, classes, teachers, crops, seed, codec, K, T or kind."""
-    if store.imported:  # released labels: their codec and K are fixed by the files
-        for flag in ("codec", "k"):
-            if flag in explicit and getattr(args, flag) != store.meta[flag] and \
-                    not (flag == "k" and store.meta["codec"] not in ("ms", "mr")):
-                raise StoreError(f"--{flag} {getattr(args, flag)} differs from the imported store's "
-                                 f"{store.meta[flag]} ({store.path}); drop --{flag}: imported labels are "
-                                 f"used as released")
-        args.codec, args.k = store.meta["codec"], store.meta["k"]
-        expected = {key: value for key, value in label_identity(
-            train_set, [], "full", 1, 1, (0, 1), (1, 1), 1.0, "probs", 0).items() if key in IMAGE_FIELDS}
-        store.check_matches({k: v for k, v in dict(expected, stores="probs").items() if k in store.meta},
-                            advice="the imported labels are for other images; import them for these "
-                                   "with --mode import")
-        ctx.print(f"training on imported labels from {store.meta['imported'].get('source')} "
-                  f"({store.meta['imported'].get('label_type')}, {store.meta['num_crops']} crops per image)")
-    else:
-        expected = label_identity(train_set, teachers_identity, args.codec, args.k, args.stored_crops,
-                                  args.crop_scale, args.crop_ratio, args.temperature, args.stores, args.seed,
-                                  label_dim)
-        del expected["num_crops"]  # training may use a store with more crops than --stored-crops
-        store.check_matches(expected)
-    if args.num_crops > store.meta["num_crops"]:
-        raise StoreError(f"--num-crops {args.num_crops} exceeds the {store.meta['num_crops']} crops stored per "
-                         f"image in {store.path}; lower --num-crops")
-    store.check_image_sizes(train_set.samples, limit=SIZE_CHECK_LIMIT)
-
-
 def main(argv=None):
     args, explicit = parse_args(argv)
-    ctx = setup(args.device, args.threads)
-    try:
-        run(args, explicit, ctx)
-    except KeyboardInterrupt:
-        raise SystemExit(ckpt.INTERRUPTED) from None
-    except (DataError, ModelError, StoreError, FloatingPointError) as error:
-        raise SystemExit(f"error: {one_sentence(error)}") from None
-    finally:
-        cleanup()
+    run_main(lambda ctx: run(args, explicit, ctx), args, (DataError, ModelError, StoreError, FloatingPointError))
 
 
 def build_student(args, ctx, root, train_set, label_dim):
@@ -601,14 +526,10 @@ def build_student(args, ctx, root, train_set, label_dim):
                interpolation=args.interpolation)
     ctx.print("student " + describe_data_config(dict(extra, data_config=cfg,
                                                      data_config_source="the recipe and flags")))
-    transform, val_sets = eval_transform(args.input_size, cfg["crop_pct"], cfg["interpolation"]), {}
-    batch = max(1, args.batch_size // ctx.world)  # per process: the global training batch split
+    val_sets = {}
     if label_dim == len(train_set.classes):  # SSL labels of another width: the student predicts no classes
-        val_sets["val"] = eval_loader(image_folder(root, "val", transform, train_set.classes), batch,
-                                      args.workers, ctx)
-        for i, extra_root in enumerate(args.val_data):  # e.g. ImageNetV2: DIR/<class>/<image>
-            val_sets[f"extra{i}"] = eval_loader(image_folder(extra_root, "", transform, train_set.classes),
-                                                batch, args.workers, ctx)
+        val_sets = eval_sets(root, args.val_data, eval_transform(args.input_size, cfg["crop_pct"], cfg["interpolation"]),
+                             train_set.classes, args.batch_size, args.workers, ctx)
     else:
         ctx.print(f"note: the student learns {label_dim}-d teacher outputs, not the {len(train_set.classes)} "
                   f"classes: no val accuracy (evaluate its features with a linear probe)")
@@ -622,7 +543,7 @@ def prepare_store(args, ctx, train_set, teachers, teachers_identity, label_dim):
                           args.crop_ratio, args.temperature, args.stores, args.seed, label_dim)
     if not LabelStore.is_store(args.labels) or args.overwrite_labels:
         ctx.print(describe_store(args.labels, meta))
-    on_every_rank(ctx, lambda: (lock_labels(args.labels, ctx),
+    on_every_rank(ctx, lambda: (lock_store(args.labels, ctx.print),
                                 open_for_generation(args.labels, meta, args.overwrite_labels)),
                   (DataError, ModelError, StoreError, ckpt.CheckpointError), StoreError)
     return generate_labels(args, ctx, train_set, teachers, LabelStore.open(args.labels, writable=True))
@@ -661,7 +582,11 @@ def run(args, explicit, ctx):
     teachers_identity = teacher_identity(args.teacher or []) if args.mode != "ce" else []
     store = None
     if args.mode in ("fkd", "label", "show"):
-        args.labels = args.labels or default_labels_path(args, root, teachers_identity, label_dim)
+        args.labels = args.labels or default_store_path(data_tag(args.data), {
+            "data_root": os.path.abspath(root), "teachers": teachers_identity, "crop_scale": args.crop_scale,
+            "crop_ratio": args.crop_ratio, "seed": args.seed, "num_crops": args.stored_crops, "codec": args.codec,
+            "k": args.k if args.codec in ("ms", "mr") else 1, "stores": args.stores,
+            "temperature": None if args.stores == "logits" else args.temperature, "label_dim": label_dim})
         existing = LabelStore.open(args.labels) if LabelStore.is_store(args.labels) else None
         if existing is not None and existing.complete and not args.overwrite_labels:
             store = existing
@@ -680,7 +605,8 @@ def run(args, explicit, ctx):
         store = prepare_store(args, ctx, train_set, teachers, teachers_identity, label_dim)
     if store is not None:
         ctx.print(describe_store(args.labels, store=store))
-        open_store_for_training(args, explicit, ctx, train_set, store, teachers_identity, label_dim)
+        check_for_training(store, args, explicit, train_set, teachers_identity, label_dim, SIZE_CHECK_LIMIT,
+                           ctx.print)
     if args.mode == "label":
         return
     if args.mode == "show":

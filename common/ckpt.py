@@ -35,7 +35,7 @@ INTERRUPTED = ("interrupted; run the same command with --resume auto to continue
 # may continue with it). Every other flag must equal the checkpoint's.
 RESUMABLE_FLAGS = frozenset({
     "workers", "device", "stop_epoch", "resume", "overwrite", "out", "val_data", "eval_only",
-    "amp", "amp_dtype", "compile", "label_batch", "flush_every", "show_images",
+    "amp", "amp_dtype", "compile", "threads", "label_batch", "flush_every", "show_images",
 })
 # Locations that may move between a run and its resume (the label store is checked by content).
 MOVABLE_FLAGS = frozenset({"labels"})
@@ -47,9 +47,7 @@ class CheckpointError(ModelError):
     """A checkpoint or log that cannot be written or does not fit this run."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing files without losing the previous version
-# ---------------------------------------------------------------------------------------------
+# --- Writing files without losing the previous version --------------------------------------------
 def save_atomic(obj, path):
     """torch.save to a temporary file, fsync, then rename: a kill never leaves a half-written
     file, and a failed write (full disk, quota) leaves no temporary file and the old file intact."""
@@ -81,9 +79,7 @@ def write_error(path, error):
             f"run the same command with --resume auto to continue")
 
 
-# ---------------------------------------------------------------------------------------------
-# The output folder: choose it, check it, lock it
-# ---------------------------------------------------------------------------------------------
+# --- The output folder: choose it, check it, lock it ----------------------------------------------
 def make_out_folder(out):
     """Create OUT (and parents) or say in one sentence why it cannot be used."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -101,9 +97,9 @@ _held_locks = {}  # realpath -> open lock file, kept for the life of the process
 
 
 def lock_out(out):
-    """Hold an exclusive advisory lock on OUT/.lock until the process ends (re-entrant within
-    one process). Another process holding it: CheckpointError naming OUT and its pid. A
-    filesystem without working locks: a warning (returned), the run goes on."""
+    """Hold an exclusive advisory lock on OUT/.lock until the process ends (re-entrant). Held by
+    another process: CheckpointError naming OUT and its pid. A filesystem without working locks: a
+    warning (returned), the run goes on."""
     try:
         return hold_lock(os.path.join(out, ".lock"), os.path.realpath(out), "another run",
                          f"wait for it to end, or pass another --out", f"{out}")
@@ -153,17 +149,12 @@ def release_all():
         _held_locks.pop(key).close()
 
 
-def _run_key(name):
-    match = RUN_NAME.fullmatch(name)
-    return (match.group(1), int(match.group(2) or 0)) if match else None
-
-
 def newest_run(base):
     """The newest run folder (YYYYmmdd-HHMMSS[-N]) under base, or None."""
     if not os.path.isdir(base):
         return None
-    runs = [(key, name) for name in os.listdir(base)
-            if (key := _run_key(name)) and os.path.isdir(os.path.join(base, name))]
+    runs = [((m.group(1), int(m.group(2) or 0)), name) for name in os.listdir(base)
+            if (m := RUN_NAME.fullmatch(name)) and os.path.isdir(os.path.join(base, name))]
     return os.path.join(base, max(runs)[1]) if runs else None
 
 
@@ -193,13 +184,10 @@ def share_decision(ctx, path, error, note):
 
 
 def resolve_out(out, base, ctx, resume=None):
-    """The run's output folder, created and locked (rank 0 decides; every rank gets the answer).
-
-    `out` given: used as is (starting over a run there is refused later without --overwrite).
-    Otherwise `--resume auto` continues the newest run under `base`, `--resume PATH` writes next
-    to PATH, and a plain start gets a fresh `base/YYYYmmdd-HHMMSS`, so every command can be run
-    again without clashing with earlier runs.
-    """
+    """The run's output folder, created and locked (rank 0 decides; every rank gets the answer):
+    `out` as is (starting over a run there is refused later without --overwrite); else `--resume
+    auto` continues the newest run under `base`, `--resume PATH` writes next to PATH, and a plain
+    start gets a fresh `base/YYYYmmdd-HHMMSS`, so a command can always be run again."""
     path, error, note = None, None, None
     if ctx.main:
         try:
@@ -223,9 +211,7 @@ def resolve_out(out, base, ctx, resume=None):
 
 def prepare_out(out, resume, overwrite):
     """Create the output folder; refuse to start over another run's checkpoint unless told to.
-
-    Returns the checkpoint to resume from (or None).
-    """
+    Returns the checkpoint to resume from (or None)."""
     if resume and overwrite:
         raise CheckpointError("--resume continues a run and --overwrite starts it over; pass only one")
     make_out_folder(out)
@@ -245,16 +231,12 @@ def prepare_out(out, resume, overwrite):
     if os.path.exists(last) and not overwrite:
         raise CheckpointError(f"{out} already holds a run's checkpoint (last.pth); pass --resume auto "
                               f"to continue it, --overwrite to start over, or another --out")
-    if overwrite:
-        for name in ("metrics.jsonl",):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
+    if overwrite and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        os.remove(os.path.join(out, "metrics.jsonl"))
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# Resume: what may change, and checkpoints of other scripts or architectures
-# ---------------------------------------------------------------------------------------------
+# --- Resume: what may change, and checkpoints of other scripts or architectures -------------------
 def load_resume(path):
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "epoch" not in checkpoint:
@@ -290,15 +272,10 @@ def _same(old, new):
 
 def changed_flags(saved, current):
     """[(name, saved value, current value)] for training flags that differ (order of `current`)."""
-    changed = []
-    for name, value in current.items():
-        if name in RESUMABLE_FLAGS or name not in saved:
-            continue
-        if name in MOVABLE_FLAGS and saved[name] is not None and value is not None:
-            continue
-        if not _same(saved[name], value):
-            changed.append((name, saved[name], value))
-    return changed
+    return [(name, saved[name], value) for name, value in current.items()
+            if name not in RESUMABLE_FLAGS and name in saved
+            and not (name in MOVABLE_FLAGS and saved[name] is not None and value is not None)
+            and not _same(saved[name], value)]
 
 
 def check_resume(checkpoint, path, args, script):
@@ -336,9 +313,7 @@ def load_into(obj, state, name, path):
                               f"checkpoint written by the same script with the same --arch") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# The metrics log
-# ---------------------------------------------------------------------------------------------
+# --- The metrics log ------------------------------------------------------------------------------
 def check_finite(loss, epoch, out):
     if not math.isfinite(loss):
         last = os.path.join(out, "last.pth")
@@ -351,8 +326,7 @@ class MetricsLog:
     """Append one JSON object per line to OUT/metrics.jsonl (rank 0 only)."""
 
     def __init__(self, out, enabled=True):
-        self.path = os.path.join(out, "metrics.jsonl")
-        self.enabled = enabled
+        self.path, self.enabled = os.path.join(out, "metrics.jsonl"), enabled
 
     def append(self, record):
         if self.enabled:
@@ -381,21 +355,16 @@ class MetricsLog:
         os.replace(self.path + ".tmp", self.path)
 
 
-# ---------------------------------------------------------------------------------------------
-# The checkpointer of a training run
-# ---------------------------------------------------------------------------------------------
+# --- The checkpointer of a training run -----------------------------------------------------------
 class Checkpointer:
-    """Saves and restores everything a resumed run needs.
+    """Saves and restores everything a resumed run needs: `objects` (model, optimizers, schedulers,
+    GradScaler: state_dict(); torch.Generator: get_state()) in OUT/last.pth with the epoch, best
+    metric, flags (`args`) and script name; the model alone (+ its data config) in OUT/best.pth,
+    loadable as `ARCH=OUT/best.pth` by any script here.
 
-    `objects` maps names to things with state_dict()/load_state_dict() (model, optimizers,
-    schedulers, GradScaler) or torch.Generator (get_state/set_state). OUT/last.pth holds all of it
-    plus epoch, best metric, the flags (`args`) and the script's name; OUT/best.pth holds the
-    model alone (+ its data config), loadable as `ARCH=OUT/best.pth` by any script here.
-
-    Constructing it locks OUT (rank 0, for the life of the process), refuses to start over a
-    run's checkpoint without --overwrite, and checks a resume against the flags (see
-    RESUMABLE_FLAGS): errors are raised on every rank, so no rank waits for another.
-    """
+    Constructing it locks OUT (rank 0, for the life of the process), refuses to start over a run's
+    checkpoint without --overwrite and checks a resume against the flags (RESUMABLE_FLAGS); errors
+    are raised on every rank, so no rank waits for another."""
 
     def __init__(self, out, ctx, resume=None, overwrite=False, args=None, **objects):
         self.out, self.ctx, self.args, self.objects = out, ctx, args, objects
@@ -437,9 +406,8 @@ class Checkpointer:
         return state["epoch"], state["best_top1"]
 
     def end_epoch(self, metrics, best, args, score="val_top1", **meta):
-        """Append the epoch's metrics to the log and print them, checkpoint (best.pth by
-        metrics[score]: top-1, or e.g. val_miou), wait for all ranks.
-        Returns True when --stop-epoch says to stop here."""
+        """Log and print the epoch's metrics, checkpoint (best.pth by metrics[score]: top-1, or e.g.
+        val_miou), wait for all ranks. Returns True when --stop-epoch says to stop here."""
         epoch = metrics["epoch"]
         self.log.append(metrics)
         self.ctx.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))

@@ -18,27 +18,17 @@ ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before falling b
 CHUNK = 64  # crops drawn per random stream: crop i comes from chunk i // CHUNK, row i % CHUNK
 
 
-def _draws(seed, index, stream, num_crops):
-    """Uniform draws of crops 0 .. num_crops-1; crop i's row depends on (seed, index, stream, i)
-    alone, so stores with M = 200 and M = 500 share their first 200 crops."""
-    parts = []
-    for chunk in range(math.ceil(num_crops / CHUNK)):
-        rng = np.random.default_rng([seed, index, stream, chunk])
-        parts.append(rng.random((CHUNK, 2 * ATTEMPTS + 3)))
-    return np.concatenate(parts)[:num_crops]
-
-
 def sample_crops(seed, index, width, height, num_crops, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                  stream=0):
-    """Sample `num_crops` RandomResizedCrop boxes and flips for one image.
-
-    Crop i depends only on (seed, index, stream, i) and the image size: never on the number of
-    crops asked for, worker count, shuffle order or restarts. Same distribution as
-    torchvision.transforms.RandomResizedCrop + RandomHorizontalFlip.
-    Returns boxes int64 [num_crops, 4] as (top, left, height, width) and flips bool [num_crops].
-    """
-    u = _draws(seed, index, stream, num_crops)
-    # Every crop has a fixed number of draws, so crop i never depends on crop j's attempts.
+    """`num_crops` RandomResizedCrop boxes and flips of one image (the distribution of torchvision's
+    RandomResizedCrop + RandomHorizontalFlip): boxes int64 [num_crops, 4] as (top, left, height,
+    width), flips bool [num_crops]. Crop i depends only on (seed, index, stream, i) and the image
+    size: never on the number of crops asked for, worker count, shuffle order or restarts."""
+    # Every crop has a fixed number of uniform draws, from chunk i // CHUNK of (seed, index, stream):
+    # crop i never depends on crop j's attempts, and stores with M = 200 and M = 500 share 200 crops.
+    draws = 2 * ATTEMPTS + 3  # area and ratio per attempt, top and left, flip
+    u = np.concatenate([np.random.default_rng([seed, index, stream, chunk]).random((CHUNK, draws))
+                        for chunk in range(math.ceil(num_crops / CHUNK))])[:num_crops]
     area_frac = scale[0] + (scale[1] - scale[0]) * u[:, :ATTEMPTS]
     log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, ATTEMPTS:2 * ATTEMPTS]
     pos, flips = u[:, 2 * ATTEMPTS:2 * ATTEMPTS + 2], u[:, -1] < 0.5
@@ -56,23 +46,15 @@ def sample_crops(seed, index, width, height, num_crops, scale=(0.08, 1.0), ratio
     bad = ~ok.any(axis=1)
     if bad.any():
         in_ratio = width / height
-        if in_ratio < ratio[0]:
-            fw, fh = width, int(round(width / ratio[0]))
-        elif in_ratio > ratio[1]:
-            fw, fh = int(round(height * ratio[1])), height
-        else:
-            fw, fh = width, height
-        w[bad], h[bad] = fw, fh
+        w[bad], h[bad] = ((width, int(round(width / ratio[0]))) if in_ratio < ratio[0] else
+                          (int(round(height * ratio[1])), height) if in_ratio > ratio[1] else
+                          (width, height))
 
     top = np.floor(pos[:, 0] * (height - h + 1)).astype(np.int64)
     left = np.floor(pos[:, 1] * (width - w + 1)).astype(np.int64)
     top[bad], left[bad] = (height - h[bad]) // 2, (width - w[bad]) // 2
     boxes = np.stack([top, left, h, w], axis=1)
     return boxes, flips
-
-
-PIL_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-                "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
 
 def replay_crops(image, boxes, flips, size, interpolation="bilinear"):
@@ -87,9 +69,10 @@ def replay_crops(image, boxes, flips, size, interpolation="bilinear"):
     """
     boxes = np.asarray(boxes).tolist()
     if isinstance(image, Image.Image):
+        resample = getattr(Image, interpolation.upper())  # Image.BILINEAR, Image.BICUBIC, ...
         out = torch.empty((len(boxes), 3, size, size), dtype=torch.uint8)
         for i, (top, left, h, w) in enumerate(boxes):
-            crop = image.crop((left, top, left + w, top + h)).resize((size, size), PIL_RESAMPLE[interpolation])
+            crop = image.crop((left, top, left + w, top + h)).resize((size, size), resample)
             if flips[i]:
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
             out[i] = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)

@@ -64,11 +64,8 @@ def check_symlinks(folder):
 
 
 def image_folder(root, split, transform=None, classes=None):
-    """torchvision ImageFolder of root/split with RGB loading and one-sentence errors.
-
-    `classes`: the training classes; the split must hold exactly these class folders.
-    A training split (no `classes`) needs at least two classes.
-    """
+    """torchvision ImageFolder of root/split with RGB loading and one-sentence errors. `classes`: the
+    training classes, which the split must hold exactly; a training split (no `classes`) needs two."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise DataError(f"{folder} does not exist; --data must point to a folder holding "
@@ -80,8 +77,7 @@ def image_folder(root, split, transform=None, classes=None):
         raise DataError(f"{folder} has a single class folder ({found[0]}); classification needs at "
                         f"least two classes, each in its own folder")
     if classes is not None and found != list(classes):
-        missing = sorted(set(classes) - set(found))
-        extra = sorted(set(found) - set(classes))
+        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
         raise DataError(f"class folders of {folder} differ from train's (missing {missing[:5]}, "
                         f"extra {extra[:5]}); both splits need the same class folders")
     check_symlinks(folder)
@@ -116,10 +112,8 @@ class ShardSampler(Sampler):
 
 
 class TaggedSampler(Sampler):
-    """Wrap a sampler so each index comes with a tag (e.g. the pass number) for the dataset.
-
-    The tag is read in the main process when the epoch starts, so it reaches persistent workers.
-    """
+    """Wrap a sampler so each index comes with a tag (e.g. the pass number) for the dataset; the
+    tag is read in the main process when the epoch starts, so it reaches persistent workers."""
 
     def __init__(self, sampler):
         self.sampler, self.tag = sampler, 0
@@ -147,14 +141,11 @@ def item_and_tag(item, dataset):
 
 
 class SeededItems(Dataset):
-    """Item (index, epoch) -> dataset[index] with torch's and python's RNGs seeded from
-    (seed, rank, epoch, index) for that one call, the caller's streams left untouched.
-
-    For datasets with random torchvision transforms: an image's augmentation then depends on
-    (seed, rank, epoch, index) alone, never on worker count, persistent workers or a resume, so a
-    resumed run sees the same crops as an uninterrupted one, and two ranks never draw the same
-    stream. Use it with TaggedSampler and `set_epoch(epoch, tag=epoch)`.
-    """
+    """Item (index, epoch) -> dataset[index] with torch's and python's RNGs seeded from (seed, rank,
+    epoch, index) for that one call, the caller's streams left untouched. For datasets with random
+    torchvision transforms: an image's augmentation then depends on those alone, never on worker
+    count, persistent workers or a resume (a resumed run sees the same crops as an uninterrupted
+    one), and two ranks never draw the same stream. Use with TaggedSampler, `set_epoch(epoch, epoch)`."""
 
     def __init__(self, dataset, seed, rank=0):
         self.dataset, self.seed, self.rank = dataset, seed, rank
@@ -178,9 +169,10 @@ class SeededItems(Dataset):
 
 
 def loader(dataset, batch_size, workers, sampler=None, device=None, drop_last=False, persistent=True):
-    if drop_last and len(sampler if sampler is not None else dataset) < batch_size:
-        raise DataError(f"each process gets {len(sampler if sampler is not None else dataset)} training images "
-                        f"per epoch, fewer than its batch of {batch_size}; lower --batch-size")
+    count = len(sampler if sampler is not None else dataset)
+    if drop_last and count < batch_size:
+        raise DataError(f"each process gets {count} training images per epoch, fewer than its batch of "
+                        f"{batch_size}; lower --batch-size")
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         pin_memory=device is not None and device.type == "cuda", drop_last=drop_last,
@@ -200,6 +192,9 @@ def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval", heads=1
     the result is a list of dicts, one per head. Hit counts stay on the device and are read
     once at the end (no GPU-to-CPU sync per batch). `amp`: True/False, or the run's args (then
     --amp-dtype applies too)."""
+    if ctx.distributed:  # rank 0's BN statistics everywhere: the ones its checkpoint holds
+        for buffer in model.buffers():  # (a DDP forward broadcasts them only at its start)
+            torch.distributed.broadcast(buffer, 0)
     model.eval()
     hits_sum = torch.zeros(2 * heads, dtype=torch.int64, device=ctx.device)  # top-1 per head, then top-5
     total = 0
@@ -219,6 +214,15 @@ def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval", heads=1
     results = [{"top1": 100.0 * sums[h] / max(total, 1), "top5": 100.0 * sums[heads + h] / max(total, 1),
                 "count": int(total)} for h in range(heads)]
     return results if heads > 1 else results[0]
+
+
+def eval_sets(root, extra_roots, transform, classes, batch_size, workers, ctx):
+    """{"val": ROOT/val, "extra0": the first --val-data folder, ...} as sharded loaders; the batch
+    is the global training batch split between the processes."""
+    folders = [("val", root, "val")] + [(f"extra{i}", path, "") for i, path in enumerate(extra_roots)]
+    batch = max(1, batch_size // ctx.world)
+    return {name: eval_loader(image_folder(folder, split, transform, classes), batch, workers, ctx)
+            for name, folder, split in folders}
 
 
 def evaluate_sets(model, val_sets, ctx, mean, std, amp=False):
@@ -252,6 +256,12 @@ def cutmix_box(height, width, lam, rng):
     return (y0, y1, x0, x1), 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
 
 
+def to_device(tensor, device):
+    """A CPU tensor on `device` without making the host wait for the GPU: pinned, then copied
+    asynchronously (a pageable tensor's .to(cuda) blocks until the copy is done)."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
+
+
 def mix_batch(images, targets, mixup_alpha, cutmix_alpha, generator):
     """Mixup or cutmix (chosen 50/50 when both are on) on inputs and soft labels with the same
     lambda; cutmix's lambda is corrected to the pasted area. Every draw (the choice, lambda, the
@@ -260,7 +270,7 @@ def mix_batch(images, targets, mixup_alpha, cutmix_alpha, generator):
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
     rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
     lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 1.0
-    perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    perm = to_device(torch.randperm(images.shape[0], generator=generator), images.device)
     if use_cutmix:
         (y0, y1, x0, x1), lam = cutmix_box(images.shape[-2], images.shape[-1], lam, rng)
         images = images.clone()
@@ -272,12 +282,10 @@ def mix_batch(images, targets, mixup_alpha, cutmix_alpha, generator):
 
 class FreshCrops(Dataset):
     """Item (image n, epoch) -> m new random crops at the student's size (and at each teacher's
-    size for online KD). Baselines: the same pipeline without stored labels.
-
-    Use with TaggedSampler(sampler) and `sampler.set_epoch(epoch, epoch)`: the crops depend on
-    (seed, n, epoch) alone. `augment(crops, generator)`: an optional random op on the uint8 crops
-    (e.g. colour jitter), applied with the same draws to the student's crops and every teacher view.
-    """
+    size for online KD); baselines: the same pipeline without stored labels. Use with
+    TaggedSampler(sampler) and `sampler.set_epoch(epoch, epoch)`: the crops depend on (seed, n,
+    epoch) alone. `augment(crops, generator)`: an optional random op on the uint8 crops (e.g. colour
+    jitter), applied with the same draws to the student's crops and every teacher view."""
 
     def __init__(self, samples, m, size, interpolation, views, scale, ratio, seed, augment=None):
         self.samples, self.m, self.size, self.interp = samples, m, size, interpolation

@@ -44,50 +44,46 @@ def cache_dir():
     return path
 
 
-def _polygon(cx, cy, radius, angle, points):
-    return [(cx + r * math.cos(angle + a), cy + r * math.sin(angle + a)) for r, a in points]
-
-
 def _regular(n, radius, inner=None):
-    pts = []
-    for i in range(n * (2 if inner else 1)):
-        r = radius if (inner is None or i % 2 == 0) else inner
-        pts.append((r, 2 * math.pi * i / (n * (2 if inner else 1))))
-    return pts
+    """(radius, angle) corners of a regular n-gon, or of an n-pointed star with `inner` radius."""
+    corners = n * (2 if inner else 1)
+    return [(radius if inner is None or i % 2 == 0 else inner, 2 * math.pi * i / corners)
+            for i in range(corners)]
 
 
 def draw_shape(draw, kind, cx, cy, radius, angle, color, background):
-    if kind == "disc":
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=color)
-    elif kind == "ring":
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=color)
-        r = radius * 0.55
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=background)
-    elif kind == "crescent":
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=color)
-        ox, oy = cx + 0.45 * radius * math.cos(angle), cy + 0.45 * radius * math.sin(angle)
-        draw.ellipse([ox - radius * 0.85, oy - radius * 0.85, ox + radius * 0.85, oy + radius * 0.85], fill=background)
-    elif kind == "square":
-        draw.polygon(_polygon(cx, cy, radius, angle, _regular(4, radius)), fill=color)
-    elif kind == "diamond":
-        pts = [(radius, 0), (radius * 0.55, math.pi / 2), (radius, math.pi), (radius * 0.55, 3 * math.pi / 2)]
-        draw.polygon(_polygon(cx, cy, radius, angle, pts), fill=color)
-    elif kind == "triangle":
-        draw.polygon(_polygon(cx, cy, radius, angle, _regular(3, radius)), fill=color)
-    elif kind == "hexagon":
-        draw.polygon(_polygon(cx, cy, radius, angle, _regular(6, radius)), fill=color)
+    """Draw one class shape; `background` fills the cut-outs of ring and crescent."""
+    def disc(x, y, r, fill):
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+
+    def polygon(corners, turn=angle):  # (distance from the centre, angle) of each corner
+        draw.polygon([(cx + r * math.cos(turn + a), cy + r * math.sin(turn + a)) for r, a in corners],
+                     fill=color)
+
+    if kind in ("disc", "ring", "crescent"):
+        disc(cx, cy, radius, color)
+        if kind == "ring":
+            disc(cx, cy, radius * 0.55, background)
+        elif kind == "crescent":
+            shift = 0.45 * radius
+            disc(cx + shift * math.cos(angle), cy + shift * math.sin(angle), radius * 0.85, background)
+    elif kind in ("square", "triangle", "hexagon"):
+        polygon(_regular({"square": 4, "triangle": 3, "hexagon": 6}[kind], radius))
     elif kind == "star":
-        draw.polygon(_polygon(cx, cy, radius, angle, _regular(5, radius, inner=radius * 0.42)), fill=color)
+        polygon(_regular(5, radius, inner=radius * 0.42))
+    elif kind == "diamond":
+        polygon([(radius, 0), (radius * 0.55, math.pi / 2), (radius, math.pi),
+                 (radius * 0.55, 3 * math.pi / 2)])
     elif kind == "plus":
         w = radius * 0.33
-        for a in (angle, angle + math.pi / 2):
-            pts = [(math.hypot(radius, w), math.atan2(w, radius)), (math.hypot(radius, w), math.atan2(-w, radius)),
-                   (math.hypot(radius, w), math.pi - math.atan2(-w, radius)), (math.hypot(radius, w), math.pi - math.atan2(w, radius))]
-            draw.polygon(_polygon(cx, cy, radius, a, pts), fill=color)
+        h = math.hypot(radius, w)
+        bar = [(h, math.atan2(w, radius)), (h, math.atan2(-w, radius)),
+               (h, math.pi - math.atan2(-w, radius)), (h, math.pi - math.atan2(w, radius))]
+        for turn in (angle, angle + math.pi / 2):
+            polygon(bar, turn)
     elif kind == "arrow":
-        pts = [(radius, 0), (radius * 0.6, 2.3), (radius * 0.35, 2.6), (radius * 0.9, 2.9),
-               (radius * 0.9, -2.9), (radius * 0.35, -2.6), (radius * 0.6, -2.3)]
-        draw.polygon(_polygon(cx, cy, radius, angle, pts), fill=color)
+        polygon([(radius, 0), (radius * 0.6, 2.3), (radius * 0.35, 2.6), (radius * 0.9, 2.9),
+                 (radius * 0.9, -2.9), (radius * 0.35, -2.6), (radius * 0.6, -2.3)])
 
 
 def _class_color(class_index, rng):
@@ -103,8 +99,8 @@ def cluttered_background(rng, size):
     Returns the PIL image, a drawing context on it, and the base color (for cut-outs)."""
     base = rng.integers(40, 216, 3)
     grad = np.linspace(-30, 30, size)[None, :, None] * rng.choice([-1, 1], 3)
-    image = np.clip(base + grad + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
-    img = Image.fromarray(image)
+    noisy = base + grad + rng.normal(0, 10, (size, size, 3))
+    img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     background = tuple(int(v) for v in base)
     for _ in range(rng.integers(6, 14)):  # clutter: strokes and small blobs, no class shapes
@@ -158,7 +154,6 @@ def train_teacher(arch, root, epochs, seed=0, batch_size=64, lr=0.1, log=print):
     steps = epochs * (len(images) // batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.15)
-    step = 0
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(len(images)).tolist()
@@ -173,7 +168,6 @@ def train_teacher(arch, root, epochs, seed=0, batch_size=64, lr=0.1, log=print):
             loss.backward()
             optimizer.step()
             schedule.step()
-            step += 1
         log(f"  demo teacher {arch}: epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
     return model
 
@@ -200,9 +194,7 @@ def resolve_teachers(specs, default, ctx=None, log=print):
     return [spec if "=" in spec else ensure_teacher(spec, ctx, log=log) for spec in (specs or default)]
 
 
-# ----------------------------------------------------------------------------------------------
-# Segmentation demo: the same shapes with pixel masks (class 0 = background, shape k = class k + 1)
-# ----------------------------------------------------------------------------------------------
+# --- Segmentation demo: the same shapes with pixel masks (class 0 = background, shape k = class k + 1)
 SEG_VERSION = 2  # of the segmentation set; bump when its rendering changes
 SEG_CLASSES = ("background",) + CLASSES
 SEG_IMAGE_SIZE = 64

@@ -9,7 +9,9 @@ import datetime
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -120,6 +122,29 @@ def one_sentence(error):
         kind, _, rest = last.partition(": ")
         text = rest if rest and kind.replace(".", "").isidentifier() else last  # "module.Error: ..."
     return text
+
+
+def run_main(work, args, errors):
+    """Set up the process (group), run `work(ctx)`, and end every way one sentence long: Ctrl-C and
+    SIGTERM (what a cluster scheduler sends before it kills a job) say how to resume, `errors`
+    print as `error: ...`; both exit non-zero. The process group and the run lock are released."""
+    from .ckpt import INTERRUPTED
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        ctx = setup(args.device, getattr(args, "threads", None))
+        work(ctx)
+    except KeyboardInterrupt:
+        raise SystemExit(INTERRUPTED) from None
+    except errors as error:
+        raise SystemExit(f"error: {one_sentence(error)}") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        cleanup()
 
 
 def amp_dtype(args):

@@ -76,3 +76,22 @@ def given(parser, argv):
         for action, default in saved:
             action.default = default
 
+
+def build_parser(description, table, network="the network"):
+    """An ArgumentParser from a table of (flag, kind, help[, argparse extras]) rows plus the run
+    flags. kind: a parser of this module (it checks the value; its range is added to the help),
+    another type, a list of choices, or an action ("store_true", "append", BooleanOptionalAction).
+    A default given in the extras is shown in the help; flags without one take the recipe's value."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, kind, text, *more in table:
+        more = more[0] if more else {}
+        how = (dict(action=kind) if kind in ("store_true", "append", argparse.BooleanOptionalAction)
+               else dict(choices=kind) if isinstance(kind, (list, tuple)) else dict(type=kind))
+        if text is not argparse.SUPPRESS:
+            ranged = "_number" in getattr(kind, "__qualname__", "") and kind.__name__
+            fixed = more.get("default") not in (None, [], False) and f"default {more['default']}"
+            text = "; ".join(filter(None, [text, ranged, fixed])).replace("%", "%%")
+        p.add_argument(flag, help=text or None, **how, **more)
+    add_run_flags(p, network)
+    return p
+

@@ -1,31 +1,12 @@
-"""FKD soft-label codecs (Sec. 3.5, Eq. 3-7) and the label store.
+"""FKD soft-label codecs (Sec. 3.5, Eq. 3-7) and the label store (docs/fkd.md, "The label store").
 
-Codecs, vectorized over a batch of crops (torch, any device); p is the ensemble's probabilities:
-  full    all C probabilities (float32; or pre-softmax outputs for the SSL variant, Sec. 3.4)
-  hard    argmax class (Eq. 3)
-  smooth  argmax class + its probability, the rest spread uniformly (Eq. 4)
-  ms      marginal smoothing: top-K probabilities, the remaining mass spread uniformly (Eq. 5)
-  mr      marginal re-norm: top-K probabilities renormalized to sum 1, the rest 0 (Eq. 6-7)
-
-The store is a directory: meta.json plus a few fixed-record .npy arrays opened with mmap and
-allow_pickle=False (no pickle anywhere), so any DataLoader worker reads any crop in O(1):
-  boxes   [N, M, 4] uint16  crop (top, left, height, width) in pixels of the original image
-  flips   [N, M]    uint8   horizontal flip bit
-  indices [N, M, K] uint16  class indices (hard/smooth: K = 1; ms/mr: top-K; absent for full)
-  values  [N, M, K] float16 probabilities (smooth/ms/mr; float32 for an fp32 import); full: [N, M, D] float32
-  sizes   [N, 2]    uint16  (width, height) of each image when it was labelled: a replaced or
-                            resized image is refused instead of being cut with stale boxes
-  done    [N]       uint8   set only after the image's rows are flushed to disk
-
-meta.json holds the layout (format_version, codec, k, num_crops M, num_classes, label_dim D,
-num_images) and the identity of the labels: everything that decides their bytes (IDENTITY below:
-images, classes, teachers by name + sha256, crop scale/ratio, seed, codec, K, temperature,
-probs/logits). Every path that opens a store compares it with `check_matches`, naming each field
-that differs. `label_dim` is the width of a `full` store's rows: the class count for probabilities,
-any width for the SSL variant's logits (e.g. a 128-d projection head). A logits store records no
-temperature: T is chosen at training time (Sec. 3.4). An imported store (common/released.py)
-carries `meta["imported"]`, teachers [{"name": "released", "sha256": None}] and crop_scale,
-crop_ratio, seed None.
+Codecs, vectorized over a batch of crops on any device; p is the ensemble's probabilities: `full`
+all C (float32; or pre-softmax outputs, Sec. 3.4), `hard` argmax (Eq. 3), `smooth` argmax + its
+probability, the rest uniform (Eq. 4), `ms` top-K, the rest uniform (Eq. 5), `mr` top-K
+renormalized to 1 (Eq. 6-7). The store is a directory: meta.json (layout and the labels' identity,
+IDENTITY below, compared by every path that opens it) plus fixed-record .npy arrays (boxes, flips,
+indices, values, sizes, done) opened with mmap and allow_pickle=False, so any DataLoader worker
+reads any crop in O(1). An imported store (common/released.py) carries meta["imported"].
 """
 import errno
 import hashlib
@@ -43,16 +24,11 @@ from torch.utils.data import Dataset
 from .crops import replay_crops
 from .data import item_and_tag, load_rgb
 from .dist import derive_seed
-from .models import parse_spec
+from .models import DATA_CONFIG_KEYS, file_sha256, parse_spec
 
 CODECS = ("full", "hard", "smooth", "ms", "mr")
 FORMAT_VERSION = 2  # 2: sizes.npy, label_dim, identity of teachers/crops/seed checked everywhere
 REQUIRED = ("format_version", "codec", "k", "num_crops", "num_classes", "num_images")
-
-
-def codec_width(codec, k, label_dim):
-    """Number of stored indices/values per crop."""
-    return {"full": label_dim, "hard": 1, "smooth": 1, "ms": k, "mr": k}[codec]
 
 
 def encode(probs, codec, k=5):
@@ -75,11 +51,8 @@ def encode(probs, codec, k=5):
 
 def decode(indices, values, codec, num_classes, logits_temperature=None):
     """Expand stored rows back to dense soft labels [B, C] (float32), on the rows' device.
-
-    `num_classes`: the label width (a full logits store: its label_dim). `logits_temperature`:
-    for a `full` store of pre-softmax outputs (SSL variant), the temperature of the softmax applied
-    here at training time.
-    """
+    `num_classes`: the label width (a full logits store: its label_dim); `logits_temperature`: the
+    softmax temperature applied here to a `full` store of pre-softmax outputs (SSL variant)."""
     if codec == "full":
         values = values.float()
         return F.softmax(values / logits_temperature, dim=1) if logits_temperature else values
@@ -105,9 +78,7 @@ def decode(indices, values, codec, num_classes, logits_temperature=None):
     raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Identity: what decides a store's bytes
-# ------------------------------------------------------------------------------------------------
+# --- Identity: what decides a store's bytes -------------------------------------------------------
 def image_list_hash(samples, root):
     """sha256 of the ordered (relative path, class index) list: ties a store to its images."""
     digest = hashlib.sha256()
@@ -116,58 +87,30 @@ def image_list_hash(samples, root):
     return digest.hexdigest()
 
 
-_FILE_HASHES = {}
-
-
-def _file_sha256(path):
-    """sha256 of a file, remembered per (path, size, mtime) so a teacher file is read once."""
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _FILE_HASHES[key] = digest.hexdigest()
-    return _FILE_HASHES[key]
-
-
-DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct")
+def image_identity(train_set):
+    """The IMAGE_FIELDS of an ImageFolder: its images and classes, in order."""
+    return {"num_classes": len(train_set.classes), "num_images": len(train_set),
+            "image_list_sha256": image_list_hash(train_set.samples, train_set.root),
+            "classes_sha256": image_list_hash([(c, i) for i, c in enumerate(train_set.classes)], "")}
 
 
 def teacher_identity(specs):
     """[{"name", "sha256"}] of teacher specs, without loading a model: NAME=PATH gives the sha256
-    of the local file, a timm tag gives None (the tag names its weights). A store's meta records
-    its teachers in the same form plus their data configs; a data config given in the spec
-    (`NAME=PATH?input_size=32`) is part of the identity too."""
-    out = []
-    for spec in specs:
-        name, path = parse_spec(spec)
-        entry = {"name": name, "sha256": _file_sha256(path) if path and os.path.isfile(path) else None}
-        query = spec.rpartition("?")[2] if "?" in (path or "") else ""
-        for item in filter(None, query.split("&")):
-            key, _, text = item.partition("=")
-            if key in DATA_CONFIG_KEYS:
-                entry[key] = int(text) if key == "input_size" and text.isdigit() else \
-                    [float(v) for v in text.split(",")] if key in ("mean", "std") else \
-                    float(text) if key == "crop_pct" else text
-        out.append(entry)
-    return out
+    of the local file, a timm tag gives None (the tag names its weights). A generated store's meta
+    records its teachers in this form plus the data config each was loaded with (fkd.py); data
+    configs are compared only where both sides record them."""
+    return [{"name": name, "sha256": file_sha256(path) if path and os.path.isfile(path) else None}
+            for name, path in map(parse_spec, specs)]
 
 
 def label_identity(train_set, teachers, codec, k, num_crops, crop_scale, crop_ratio, temperature,
                    stores, seed, label_dim=None):
     """The meta of a store generated for `train_set` (an ImageFolder) with these settings.
-
     `teachers`: dicts with "name" and "sha256" (teacher_identity), optionally their data configs.
-    A logits store (SSL variant) records temperature None: T is applied at training time.
-    """
-    num_classes = len(train_set.classes)
+    A logits store (SSL variant) records temperature None: T is applied at training time."""
     return {
-        "codec": codec, "k": k if codec in ("ms", "mr") else 1, "num_crops": num_crops,
-        "num_classes": num_classes, "label_dim": label_dim or num_classes,
-        "num_images": len(train_set), "image_list_sha256": image_list_hash(train_set.samples, train_set.root),
-        "classes_sha256": image_list_hash([(c, i) for i, c in enumerate(train_set.classes)], ""),
+        **image_identity(train_set), "codec": codec, "k": k if codec in ("ms", "mr") else 1,
+        "num_crops": num_crops, "label_dim": label_dim or len(train_set.classes),
         "teachers": [dict(t) for t in teachers],
         "crop_scale": [float(v) for v in crop_scale], "crop_ratio": [float(v) for v in crop_ratio],
         "temperature": None if stores == "logits" else float(temperature), "stores": stores,
@@ -186,12 +129,9 @@ def _same_teachers(stored, expected):
     """Teachers match by name and file hash, and by every data-config key both sides record."""
     if stored is None or expected is None or len(stored) != len(expected):
         return stored == expected
-    for a, b in zip(stored, expected):
-        if (a.get("name"), a.get("sha256")) != (b.get("name"), b.get("sha256")):
-            return False
-        if any(key in a and key in b and a[key] != b[key] for key in DATA_CONFIG_KEYS):
-            return False
-    return True
+    return all((a.get("name"), a.get("sha256")) == (b.get("name"), b.get("sha256")) and
+               all(a[key] == b[key] for key in DATA_CONFIG_KEYS if key in a and key in b)
+               for a, b in zip(stored, expected))
 
 
 def _comparable(key, value):
@@ -207,9 +147,9 @@ def _comparable(key, value):
 
 def _shown(key, value):
     if key == "teachers" and value is not None:
-        def one(t):
-            return f"{t.get('name')} ({'sha256 ' + t['sha256'][:12] if t.get('sha256') else 'timm weights'})"
-        return "[" + ", ".join(one(t) for t in value) + "]"
+        return "[" + ", ".join(f"{t.get('name')} ("
+                               f"{'sha256 ' + t['sha256'][:12] if t.get('sha256') else 'timm weights'})"
+                               for t in value) + "]"
     if isinstance(value, str) and len(value) == 64:  # a sha256
         return value[:12]
     if key in ("crop_scale", "crop_ratio") and value is not None:
@@ -218,8 +158,9 @@ def _shown(key, value):
 
 
 # fields that decide a store's bytes, checked by every path that opens a store
-IDENTITY = ("num_images", "image_list_sha256", "num_classes", "classes_sha256", "label_dim", "teachers",
-            "crop_scale", "crop_ratio", "seed", "num_crops", "codec", "k", "temperature", "stores")
+IMAGE_FIELDS = ("num_images", "image_list_sha256", "num_classes", "classes_sha256")
+IDENTITY = IMAGE_FIELDS + ("label_dim", "teachers", "crop_scale", "crop_ratio", "seed", "num_crops",
+                          "codec", "k", "temperature", "stores")
 
 
 def _diff_text(diffs):
@@ -258,8 +199,7 @@ def _reserve(fd, size):
     """Reserve the file's blocks (a full disk fails now, not mid-run). Where posix_fallocate does not
     exist (macOS) or the filesystem does not support it, the file stays sparse: the caller checked
     the free space before."""
-    fallocate = getattr(os, "posix_fallocate", None)
-    if fallocate is None:
+    if (fallocate := getattr(os, "posix_fallocate", None)) is None:
         return
     try:
         fallocate(fd, 0, size)
@@ -275,23 +215,17 @@ class LabelStore:
     memory maps in each worker.
     """
 
-    IDENTITY = IDENTITY
-
     def __init__(self, path, meta, writable=False):
         self.path, self.meta, self.writable = path, meta, writable
         self._arrays = None
 
-    # -- layout --------------------------------------------------------------------------------
     @staticmethod
     def array_specs(meta):
-        n, m, c = meta["num_images"], meta["num_crops"], meta["num_classes"]
-        width = codec_width(meta["codec"], meta["k"], meta.get("label_dim") or c)
-        specs = {
-            "boxes": ((n, m, 4), "uint16"),
-            "flips": ((n, m), "uint8"),
-            "sizes": ((n, 2), "uint16"),
-            "done": ((n,), "uint8"),
-        }
+        n, m, c, k = meta["num_images"], meta["num_crops"], meta["num_classes"], meta["k"]
+        width = {"full": meta.get("label_dim") or c, "hard": 1, "smooth": 1, "ms": k, "mr": k}[
+            meta["codec"]]
+        specs = {"boxes": ((n, m, 4), "uint16"), "flips": ((n, m), "uint8"), "sizes": ((n, 2), "uint16"),
+                 "done": ((n,), "uint8")}
         if meta["codec"] != "full":
             specs["indices"] = ((n, m, width), "uint16" if c <= 65535 else "int32")
         if meta["codec"] != "hard":
@@ -451,10 +385,10 @@ class LabelStore:
         temperature or probs/logits: one sentence naming each field that differs."""
         diffs = self.differences(expected)
         if diffs:
-            shown = _diff_text(diffs)
             advice = advice or ("pass the flags it was made with, another --labels folder, or "
                                 "--overwrite-labels to make it again")
-            raise StoreError(f"label store {self.path} was made with other settings ({shown}); {advice}")
+            raise StoreError(f"label store {self.path} was made with other settings "
+                             f"({_diff_text(diffs)}); {advice}")
 
     @property
     def complete(self):
@@ -508,11 +442,10 @@ class LabelStore:
         and an I/O error is an exception, not a SIGBUS."""
         if not self.writable:
             raise StoreError(f"label store {self.path} was opened read-only")
-        if not hasattr(self, "_fds"):
-            self._fds = {}
-        if name not in self._fds:
-            self._fds[name] = os.open(os.path.join(self.path, f"{name}.npy"), os.O_RDWR)
-        return self._fds[name]
+        fds = self.__dict__.setdefault("_fds", {})
+        if name not in fds:
+            fds[name] = os.open(os.path.join(self.path, f"{name}.npy"), os.O_RDWR)
+        return fds[name]
 
     def _pwrite(self, name, image_index, crop_slice, rows):
         array = self.arrays[name]
@@ -527,15 +460,10 @@ class LabelStore:
         if max(size) > 65535:
             raise StoreError(f"image {image_index} is larger than 65535 pixels on a side; "
                              f"downscale it (crop boxes are stored as uint16)")
-        self._pwrite("boxes", image_index, crop_slice, boxes)
-        self._pwrite("flips", image_index, crop_slice, flips)
-        sizes = self.arrays["sizes"]
-        os.pwrite(self._fd("sizes"), np.asarray(size, dtype=sizes.dtype).tobytes(),
-                  sizes.offset + image_index * sizes[0].nbytes)
-        if "indices" in self.arrays:
-            self._pwrite("indices", image_index, crop_slice, indices)
-        if "values" in self.arrays:
-            self._pwrite("values", image_index, crop_slice, values)
+        self._pwrite("sizes", image_index, slice(0, 2), size)  # the image's one (width, height) row
+        for name, rows in (("boxes", boxes), ("flips", flips), ("indices", indices), ("values", values)):
+            if name in self.arrays:
+                self._pwrite(name, image_index, crop_slice, rows)
 
     def mark_done(self, image_indices):
         """fsync the rows of `image_indices`, then set and fsync their done flags."""
@@ -563,15 +491,10 @@ class LabelStore:
                 a["flips"][image_index, crop_ids].astype(bool), indices, values)
 
 
-IMAGE_FIELDS = ("num_images", "image_list_sha256", "num_classes", "classes_sha256")
-
-
 def open_for_generation(path, meta, overwrite=False):
-    """The store at `path` to generate `meta`'s labels into (call on one process).
-
-    Created when the folder is new or empty, made again after an interrupted creation or with
-    `overwrite`, reused (to resume) when it was started with the same identity. Otherwise one
-    sentence says what differs and what to do."""
+    """The store at `path` to generate `meta`'s labels into (call on one process): created when the
+    folder is new or empty, made again after an interrupted creation or with `overwrite`, reused (to
+    resume) when it was started with the same identity; otherwise one sentence says what differs."""
     if overwrite or not LabelStore.is_store(path):
         return LabelStore.create(path, meta, replace=overwrite)
     store = LabelStore.open(path)
@@ -584,23 +507,19 @@ def open_for_generation(path, meta, overwrite=False):
     if diffs and not store.complete and {key for key, _, _ in diffs} <= set(IMAGE_FIELDS):
         raise StoreError(f"label store {path} is incomplete ({store.done_count()} of "
                          f"{store.meta['num_images']} images labelled) and was started for other images "
-                         f"({_diff_text(diffs)}): the training "
-                         f"images changed since that run (an image added or removed); rerun with "
-                         f"--overwrite-labels to label the current images from the start")
+                         f"({_diff_text(diffs)}): the training images changed since that run (an image "
+                         f"added or removed); rerun with --overwrite-labels to label the current images "
+                         f"from the start")
     store.check_matches(meta)
     return store
 
 
-# ------------------------------------------------------------------------------------------------
-# Reading a store for training (FKD phase 2, Fast MEAL V2)
-# ------------------------------------------------------------------------------------------------
+# --- Reading a store for training (FKD phase 2, Fast MEAL V2) ------------------------------------
 def crop_schedule(seed, image_index, stored, start, count):
-    """Which stored crops an image uses at stream positions start .. start+count-1.
-
-    A per-image permutation of the M stored crops, consumed `count` at a time: no crop repeats
-    until all M were used (the paper's "shuffling and non-overlapping sampling"; the official code
-    drew at random each pass). After M positions a fresh permutation starts.
-    """
+    """Which stored crops an image uses at stream positions start .. start+count-1: a per-image
+    permutation of the M stored crops, consumed `count` at a time, so no crop repeats until all M
+    were used (the paper's "shuffling and non-overlapping sampling"; the official code drew at random
+    each pass). After M positions a fresh permutation starts."""
     positions = np.arange(start, start + count)
     cycles = positions // stored
     out = np.empty(count, dtype=np.int64)
@@ -626,9 +545,7 @@ class StoredCrops(Dataset):
     Use with common.data.TaggedSampler(sampler) and `sampler.set_epoch(epoch, position)` (position:
     crops per image consumed so far). `augment(crops, generator)`: an optional random op on the
     replayed uint8 crops (e.g. colour jitter), drawn from a generator seeded by (seed, n, position),
-    so it never depends on workers or restarts. An image whose size changed since labelling is
-    refused.
-    """
+    so it never depends on workers or restarts. An image resized since labelling is refused."""
 
     def __init__(self, samples, store, m, size, interpolation, seed, augment=None):
         self.samples, self.store, self.m, self.size, self.interp = samples, store, m, size, interpolation
@@ -641,12 +558,77 @@ class StoredCrops(Dataset):
         n, start = item_and_tag(item, "StoredCrops")
         crop_ids = crop_schedule(self.seed, n, self.store.meta["num_crops"], start, self.m)
         boxes, flips, indices, values = self.store.read(n, crop_ids)
-        path = self.samples[n][0]
-        image = load_rgb(path)
-        self.store.check_size(n, path, image.size)
+        image = load_rgb(self.samples[n][0])
+        self.store.check_size(n, self.samples[n][0], image.size)
         crops = replay_crops(image, boxes, flips, self.size, self.interp)  # exact replay of the crop
         if self.augment is not None:
             crops = self.augment(crops, torch.Generator().manual_seed(derive_seed(self.seed, n, 2, start)))
         empty = torch.zeros(0)
         return (crops, torch.from_numpy(indices) if indices is not None else empty,
                 torch.from_numpy(values) if values is not None else empty, self.samples[n][1])
+
+
+def default_store_path(tag, settings):
+    """runs/fkd_labels/<data>-<hash of the data folder and the label settings>: one store per data
+    set and label settings, shared by every run that uses them."""
+    return os.path.join("runs", "fkd_labels", f"{tag}-{identity_digest(settings, list(settings))}")
+
+
+def describe_store(path, meta=None, store=None):
+    """'label store PATH: 18.5 GB on disk for N images x M crops (ms, K=5), 1.2 TB free on its disk'."""
+    meta = store.meta if store is not None else meta
+    size = store.bytes_on_disk() if store is not None else LabelStore.planned_bytes(meta)
+    return (f"label store {path}: {human_bytes(size)} {'on disk' if store is not None else 'to allocate'} for "
+            f"{meta['num_images']} images x {meta['num_crops']} crops ({meta['codec']}"
+            f"{', K=' + str(meta['k']) if meta['codec'] in ('ms', 'mr') else ''}), "
+            f"{human_bytes(free_bytes(path))} free on its disk")
+
+
+def lock_store(path, log=print):
+    """Hold .NAME.lock beside the store while generating into it: two runs sharing a (default) store
+    never create or write it at the same time."""
+    from .ckpt import hold_lock
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        note = hold_lock(os.path.join(parent, f".{name}.lock"), "labels:" + os.path.realpath(path), "another run",
+                         "wait for it to end (it is labelling these images), or pass another --labels folder",
+                         f"label store {path}")
+    except PermissionError as error:
+        raise StoreError(f"cannot write next to label store {path} ({error}); pass a writable --labels "
+                         f"folder") from None
+    if note:
+        log(note)
+
+
+def check_for_training(store, args, explicit, train_set, teachers, label_dim, size_check_limit, log=print):
+    """Refuse a store made for other images, classes, teachers, crops, seed, codec, K, T or kind, or
+    with fewer crops than --num-crops. Imported labels fix args.codec and args.k."""
+    if store.imported:  # released labels: their codec and K are fixed by the files
+        for flag in ("codec", "k"):
+            if flag in explicit and getattr(args, flag) != store.meta[flag] and \
+                    not (flag == "k" and store.meta["codec"] not in ("ms", "mr")):
+                raise StoreError(f"--{flag} {getattr(args, flag)} differs from the imported store's "
+                                 f"{store.meta[flag]} ({store.path}); drop --{flag}: imported labels are "
+                                 f"used as released")
+        args.codec, args.k = store.meta["codec"], store.meta["k"]
+        expected = dict(image_identity(train_set), stores="probs")
+        store.check_matches({k: v for k, v in expected.items() if k in store.meta},
+                            advice="the imported labels are for other images; import them for these "
+                                   "with --mode import")
+        log(f"training on imported labels from {store.meta['imported'].get('source')} "
+            f"({store.meta['imported'].get('label_type')}, {store.meta['num_crops']} crops per image)")
+    else:
+        expected = label_identity(train_set, teachers, args.codec, args.k, args.stored_crops, args.crop_scale,
+                                  args.crop_ratio, args.temperature, args.stores, args.seed, label_dim)
+        del expected["num_crops"]  # training may use a store with more crops than the recipe's M
+        store.check_matches(expected)
+        if "stored_crops" in explicit and args.stored_crops != store.meta["num_crops"]:
+            raise StoreError(f"--stored-crops {args.stored_crops} differs from the {store.meta['num_crops']} "
+                             f"crops stored per image in {store.path}; drop --stored-crops or pass another "
+                             f"--labels")
+    if args.num_crops > store.meta["num_crops"]:
+        raise StoreError(f"--num-crops {args.num_crops} exceeds the {store.meta['num_crops']} crops stored per "
+                         f"image in {store.path}; lower --num-crops")
+    store.check_image_sizes(train_set.samples, limit=size_check_limit)
+

@@ -22,8 +22,9 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.data import resolve_model_data_config
-from timm.models import clean_state_dict
-from torch import nn
+from timm.models import clean_state_dict, get_pretrained_cfg_value
+
+from .flags import INTERPOLATIONS
 
 
 class ModelError(ValueError):
@@ -31,15 +32,12 @@ class ModelError(ValueError):
 
 
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct")
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
 
 def split_query(spec):
     """'NAME=PATH?input_size=32' -> ('NAME=PATH', 'input_size=32'); no query -> (spec, '')."""
     head, mark, query = spec.rpartition("?")
-    if mark and "=" in query and head:
-        return head, query
-    return spec, ""
+    return (head, query) if mark and "=" in query and head else (spec, "")
 
 
 def parse_spec(spec):
@@ -110,12 +108,20 @@ def describe_data_config(extra):
             f"from {extra.get('data_config_source', 'unknown')}")
 
 
-def file_sha256(path, limit=None):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+_FILE_HASHES = {}
+
+
+def file_sha256(path):
+    """sha256 of a file, remembered per (path, size, mtime) so a teacher file is read once."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_HASHES[key] = digest.hexdigest()
+    return _FILE_HASHES[key]
 
 
 def needs_pickled_code(path, error):
@@ -155,10 +161,10 @@ def read_checkpoint(path):
 
 
 def state_dict_of(checkpoint):
+    """The weights of a checkpoint: its EMA weights first, then its state_dict or model."""
     if isinstance(checkpoint, dict):
-        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-            if isinstance(checkpoint.get(key), dict):
-                return clean_state_dict(checkpoint[key])
+        keys = ("state_dict_ema", "model_ema", "state_dict", "model")
+        checkpoint = next((checkpoint[k] for k in keys if isinstance(checkpoint.get(k), dict)), checkpoint)
     return clean_state_dict(checkpoint)
 
 
@@ -198,8 +204,7 @@ def create(spec, num_classes, pretrained_head="keep", adapt=None, **kwargs):
             if isinstance(checkpoint, dict) and isinstance(checkpoint.get("data_config"), dict):
                 extra["data_config"] = dict(checkpoint["data_config"])
                 extra["data_config_source"] = f"the checkpoint {path}"
-            probe = timm.create_model(name, num_classes=1, **kwargs)
-            head_key = f"{probe.pretrained_cfg.get('classifier', 'fc')}.weight"
+            head_key = f"{get_pretrained_cfg_value(name, 'classifier') or 'fc'}.weight"
             file_classes = state[head_key].shape[0] if head_key in state else num_classes
             model = timm.create_model(name, num_classes=file_classes, **kwargs)
             if adapt is not None:
@@ -222,12 +227,10 @@ def create(spec, num_classes, pretrained_head="keep", adapt=None, **kwargs):
             raise ModelError(f"{name} predicts {model.num_classes} classes but the data has "
                              f"{num_classes} class folders; use a model trained on these classes")
     if extra["data_config"] is None:
-        extra["data_config"] = data_config_of(model)
-        extra["data_config_source"] = f"timm's default for {name}"
+        extra.update(data_config=data_config_of(model), data_config_source=f"timm's default for {name}")
     if query_config:
-        extra["data_config"] = {**extra["data_config"], **query_config}
-        extra["data_config_source"] = (f"the spec ({', '.join(query_config)}) over "
-                                       f"{extra['data_config_source']}")
+        extra.update(data_config={**extra["data_config"], **query_config}, data_config_source=(
+            f"the spec ({', '.join(query_config)}) over {extra['data_config_source']}"))
     extra["data_config"].setdefault("crop_pct", 0.875)
     return model, extra
 
@@ -271,11 +274,9 @@ def normalize(images, mean, std):
 
 def param_groups(model, weight_decay):
     """No weight decay on biases and normalization parameters (1-d tensors)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = [param for param in model.parameters() if param.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
 def make_optimizer(name, groups, lr, momentum=0.9, nesterov=False):

@@ -21,24 +21,25 @@ those pixels, so replaying the imported store gives the official crops.
 
 Label types -> codecs: hard -> hard, smoothing -> smooth, marginal_smoothing_kK -> ms (K),
 marginal_renorm -> mr (K); the files of the last two are identical, so the label type of top-K files
-is picked at import (default: marginal smoothing, the released name). Decoding the store gives the
-official Recover_soft_label's soft label: bit for bit for hard labels and the fp16 release (except
-the clamp of the marginal mass at 0, labels.py); fp32 probabilities are stored as float16 (the
-store's value type, at most 2^-11 relative per value).
+is picked at import (default: marginal smoothing, the released name). The store keeps the release's
+precision: float16 values for the fp16 release, float32 for an fp32 one (meta "values_dtype"), so
+decoding it gives the official Recover_soft_label's soft label bit for bit for every label type and
+both releases (except the clamp of the marginal mass at 0, labels.py).
 
 The files are pickles: they are loaded with torch.load(weights_only=True) and only NumPy's array
 reconstruction allowlisted, so a file whose pickle would run code is refused, never executed.
 """
 import json
 import os
+import pathlib
 import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .dist import Context
-from .labels import LabelStore, StoreError, image_list_hash
+from .dist import Context, on_every_rank
+from .labels import LabelStore, StoreError, image_identity
 
 LAYOUTS = ("fkd", "meal")
 # official label_type names (without _kK) -> our codec
@@ -65,9 +66,7 @@ class ReleasedFileError(ValueError):
         self.kind = kind
 
 
-# ---------------------------------------------------------------------------------------------
-# One released file
-# ---------------------------------------------------------------------------------------------
+# --- One released file ----------------------------------------------------------------------------
 def load_released_file(path):
     """[coords, flips, labels] of one released file as numpy arrays, without running pickled code."""
     try:
@@ -88,22 +87,17 @@ def load_released_file(path):
     if not (isinstance(content, (list, tuple)) and len(content) == 3):
         raise ReleasedFileError("format", f"holds a {type(content).__name__}, not the list "
                                 f"[coords, flips, labels] of the official format")
-    arrays = []
-    for name, item in zip(("coords", "flips", "labels"), content):
-        if isinstance(item, torch.Tensor):
-            item = item.numpy()
+    arrays = tuple(item.numpy() if isinstance(item, torch.Tensor) else item for item in content)
+    for name, item in zip(("coords", "flips", "labels"), arrays):
         if not isinstance(item, np.ndarray):
             raise ReleasedFileError("format", f"holds {name} as a {type(item).__name__}, not an array")
-        arrays.append(item)
-    return tuple(arrays)
+    return arrays
 
 
 def file_format(coords, flips, labels):
     """(crops, label kind, K, dtype) of one file; ReleasedFileError if it is not the official format.
-
     kind: "hard" ([N]), "smoothing" ([N, 2]) or "topk" ([N, 2, K]); dtype: the coords' dtype, with
-    the labels' appended when they differ and are not integer class indices.
-    """
+    the labels' appended when they differ and are not integer class indices."""
     n = coords.shape[0] if coords.ndim == 2 else -1
     if coords.shape != (n, 4) or n < 1 or coords.dtype.kind != "f":
         raise ReleasedFileError("format", f"has coords of shape {list(coords.shape)} {coords.dtype}, "
@@ -131,11 +125,10 @@ def boxes_from_coords(coords, width, height):
     """Integer crop boxes (top, left, height, width) int64 [N, 4] that cut exactly the pixels of the
     official replay, and how many boxes were clipped to the image.
 
-    Official: i, j, h, w = c0*H, c1*W, c2*H, c3*W (Python floats), then PIL's
-    Image.crop((j, i, j + w, i + h)) rounds each edge with round() (half to even), as np.rint does.
-    A box that the rounding puts past the image edge is clipped to it (possible with fp16 coordinates
-    on sides longer than 1365 px, where two coordinates' rounding errors can add up to half a pixel).
-    """
+    Official: i, j, h, w = c0*H, c1*W, c2*H, c3*W (Python floats), then PIL's Image.crop((j, i,
+    j + w, i + h)) rounds each edge with round() (half to even), as np.rint does. A box that the
+    rounding puts past the image edge is clipped to it (possible with fp16 coordinates on sides
+    longer than 1365 px, where two coordinates' rounding errors can add up to half a pixel)."""
     c = np.asarray(coords, dtype=np.float64)  # the exact values .item() gives the official loader
     i, j, h, w = c[:, 0] * height, c[:, 1] * width, c[:, 2] * height, c[:, 3] * width
     top, left, bottom, right = np.rint(i), np.rint(j), np.rint(i + h), np.rint(j + w)
@@ -164,9 +157,7 @@ def label_rows(labels, kind, num_classes):
     return indices.astype(np.int64), values
 
 
-# ---------------------------------------------------------------------------------------------
-# The tree of files
-# ---------------------------------------------------------------------------------------------
+# --- The tree of files ----------------------------------------------------------------------------
 def label_file_key(image_path, layout):
     """The released file of an image relative to the source folder, as the official loaders derive
     it: the last 3 (FKD) or 4 (MEAL-V2) parts of the image path, cut at the first dot, + '.tar'."""
@@ -191,27 +182,18 @@ def _check_source(source_dir, keys, layout):
     raise StoreError(f"{source_dir} has no {what}; {hint}")
 
 
-def _scan_tree(source_dir, top):
-    """Relative paths ('train/c/x.tar') of every .tar file under source_dir/top."""
-    found = set()
-    for folder, _, names in os.walk(os.path.join(source_dir, top)):
-        rel = os.path.relpath(folder, source_dir).replace(os.sep, "/")
-        found.update(f"{rel}/{name}" for name in names if name.endswith(".tar"))
-    return found
-
-
 def _check_tree(source_dir, keys):
     """Every image has its file, no two images share one, no file is for an image not in --data."""
-    seen, shared = {}, []
-    for n, key in enumerate(keys):
-        if key in seen:
-            shared.append(key)
-        seen.setdefault(key, n)
+    seen = set()
+    shared = [key for key in keys if key in seen or seen.add(key)]  # every repeat, in order
     if shared:
         raise StoreError(f"{len(shared)} training images map to a label file another image also maps "
                          f"to (the official loaders cut names at the first dot), the first: "
                          f"{os.path.join(source_dir, shared[0])}; rename those images")
-    found = _scan_tree(source_dir, keys[0].split("/")[0])
+    found = set()  # relative paths ('train/c/x.tar') of every .tar file under the keys' top folder
+    for folder, _, names in os.walk(os.path.join(source_dir, keys[0].split("/")[0])):
+        rel = os.path.relpath(folder, source_dir).replace(os.sep, "/")
+        found.update(f"{rel}/{name}" for name in names if name.endswith(".tar"))
     missing = [key for key in keys if key not in found]
     if missing:
         raise StoreError(f"{len(missing)} training images have no released label file, the first: "
@@ -228,11 +210,8 @@ def import_meta(source_dir, layout, train_set, fmt, label_type):
     """meta.json of an imported store: what the files hold and where they came from."""
     crops, kind, k, dtype = fmt
     codec = LABEL_TYPES[label_type.rstrip("0123456789").removesuffix("_k")]
-    return {
-        "codec": codec, "k": k, "num_crops": crops, "num_classes": len(train_set.classes),
-        "num_images": len(train_set),
-        "image_list_sha256": image_list_hash(train_set.samples, train_set.root),
-        "classes_sha256": image_list_hash([(c, i) for i, c in enumerate(train_set.classes)], ""),
+    return {  # in this order, a refused resume names the fields that differ
+        "codec": codec, "k": k, "num_crops": crops, **image_identity(train_set),
         "teachers": [{"name": "released", "sha256": None}],
         "crop_scale": None, "crop_ratio": None, "seed": None, "temperature": 1.0, "stores": "probs",
         "values_dtype": "float32" if dtype == "float32" else "float16",  # exact decode of the files
@@ -253,9 +232,7 @@ def _label_type(kind, k, asked):
                      + (" (marginal_renorm also fits)" if kind == "topk" else ""))
 
 
-# ---------------------------------------------------------------------------------------------
-# The import
-# ---------------------------------------------------------------------------------------------
+# --- The import -----------------------------------------------------------------------------------
 class ReleasedFiles(torch.utils.data.Dataset):
     """Item i -> the store rows of image items[i] converted from its released file, or its problem
     (collected and reported together at the end, so one run names every bad file)."""
@@ -285,7 +262,7 @@ class ReleasedFiles(torch.utils.data.Dataset):
                 raise ReleasedFileError("image", f"belongs to image {self.images[n]}, which cannot be "
                                         f"read ({type(error).__name__})") from None
             boxes, clipped = boxes_from_coords(coords, width, height)
-            if (boxes[:, 2] < 1).any() or (boxes[:, 3] < 1).any():
+            if (boxes[:, 2:] < 1).any():
                 raise ReleasedFileError("values", "has a crop that rounds to zero pixels in the image")
             indices, values = label_rows(labels, fmt[1], self.num_classes)
         except ReleasedFileError as error:
@@ -319,23 +296,21 @@ def _problem_sentence(problems, files, store_path):
             f"command again to import the rest)")
 
 
-def _write_rank_result(store_path, rank, world, result):
-    tmp = os.path.join(store_path, f".import-rank{rank}-of-{world}.json.tmp")
-    with open(tmp, "w") as f:
+def _gather_results(store_path, ctx, result):
+    """Every rank's result, through one file per rank: ranks finish at different times, so wait with
+    a sleep instead of a collective that would time out (torchrun ends all ranks if one fails)."""
+    if ctx.world == 1:
+        return [result]
+    names = [os.path.join(store_path, f".import-rank{r}-of-{ctx.world}.json") for r in range(ctx.world)]
+    with open(names[ctx.rank] + ".tmp", "w") as f:
         json.dump(result, f)
-    os.replace(tmp, tmp[:-4])
-
-
-def _gather_rank_results(store_path, world, poll=0.5):
-    """Every rank's result file; ranks finish at different times, so wait with a sleep instead of a
-    collective that would time out (torchrun ends all ranks if one of them fails)."""
-    names = [os.path.join(store_path, f".import-rank{r}-of-{world}.json") for r in range(world)]
+    os.replace(names[ctx.rank] + ".tmp", names[ctx.rank])
     while not all(os.path.exists(name) for name in names):
-        time.sleep(poll)
-    results = []
-    for name in names:
-        with open(name) as f:
-            results.append(json.load(f))
+        time.sleep(0.5)
+    results = [json.loads(pathlib.Path(name).read_text()) for name in names]
+    ctx.barrier()  # every rank has read every file (all arrive within one poll interval)
+    if ctx.main:
+        _remove_rank_results(store_path)
     return results
 
 
@@ -371,31 +346,23 @@ def _prepare_store(source_dir, train_set, store_path, layout, keys, files, label
 
 def import_labels(source_dir, train_set, store_path, layout="fkd", ctx=None, label_type=None,
                   workers=0):
-    """Convert the released label files of `train_set`'s images into a label store at `store_path`.
+    """Convert the released label files of `train_set`'s images into a label store at `store_path`
+    and return it opened.
 
     train_set: torchvision ImageFolder of --data/train (the images the files were made for).
     layout: "fkd" (SOURCE/train/<class>/<stem>.tar) or "meal" (SOURCE/<data folder>/train/...).
     label_type: None (from the files: hard, smoothing, marginal_smoothing_kK) or "marginal_renorm"
     for top-K files to be decoded with Eq. 6-7. Under torchrun the ranks split the images; a killed
-    import run again resumes (per-image done flags). `workers`: DataLoader processes per rank that
-    read the files. Returns the opened store.
-    """
+    import run again resumes (per-image done flags). `workers`: file-reading processes per rank."""
     ctx = ctx or Context()
     if layout not in LAYOUTS:
         raise StoreError(f"unknown import layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     keys = [label_file_key(path, layout) for path, _ in train_set.samples]
     files = [os.path.join(source_dir, key) for key in keys]
-    images = [path for path, _ in train_set.samples]
-    num_classes = len(train_set.classes)
-    error = None
-    if ctx.main:  # everything that can be checked before a byte is written, then the store
-        try:
-            _prepare_store(source_dir, train_set, store_path, layout, keys, files, label_type)
-        except StoreError as exc:
-            error = str(exc)
-    error = ctx.broadcast_object(error)  # every rank stops with rank 0's sentence
-    if error:
-        raise StoreError(error)
+    # everything that can be checked before a byte is written, then the store; on rank 0, every
+    # rank stops with its sentence
+    on_every_rank(ctx, lambda: _prepare_store(source_dir, train_set, store_path, layout, keys, files,
+                                              label_type), StoreError, StoreError)
     store = LabelStore.open(store_path, writable=True)
     meta = store.meta
     fmt = (meta["num_crops"], {"hard": "hard", "smooth": "smoothing"}.get(meta["codec"], "topk"),
@@ -406,34 +373,28 @@ def import_labels(source_dir, train_set, store_path, layout="fkd", ctx=None, lab
     ctx.print(f"importing {len(todo)} of {len(files)} released label files ({about['label_type']}, "
               f"{meta['num_crops']} crops, {about['dtype']}) from {source_dir}, {ctx.world} "
               f"process(es) -> {store_path}")
-    data = torch.utils.data.DataLoader(ReleasedFiles(mine, files, images, fmt, num_classes),
-                                       batch_size=None, num_workers=workers, collate_fn=_as_is)
-    start, pending, problems, clipped, read_bytes, imported = time.time(), [], [], 0, 0, 0
+    images = [path for path, _ in train_set.samples]
+    data = torch.utils.data.DataLoader(ReleasedFiles(mine, files, images, fmt, len(train_set.classes)),
+                                       batch_size=None, num_workers=workers,
+                                       collate_fn=dict)  # dict(item): each item as it is
+    start, pending, tally = time.time(), [], {"problems": [], "clipped": 0, "bytes": 0, "imported": 0}
     with ctx.bar(total=len(mine), desc="import", unit="img") as bar:
         for item in data:
             bar.update(1)
             if item["problem"] is not None:
-                problems.append((item["n"], *item["problem"]))
+                tally["problems"].append((item["n"], *item["problem"]))
                 continue
             store.write(item["n"], slice(0, meta["num_crops"]), item["boxes"], item["flips"],
                         item["indices"], item["values"], item["size"])
             pending.append(item["n"])
-            clipped, read_bytes, imported = (clipped + item["clipped"], read_bytes + item["bytes"],
-                                             imported + 1)
+            for key, add in (("clipped", item["clipped"]), ("bytes", item["bytes"]), ("imported", 1)):
+                tally[key] += add
             if len(pending) >= FLUSH_EVERY:
                 store.mark_done(pending)
                 pending = []
         store.mark_done(pending)
     store.close()
-    result = {"problems": problems, "clipped": clipped, "bytes": read_bytes, "imported": imported}
-    if ctx.world > 1:
-        _write_rank_result(store_path, ctx.rank, ctx.world, result)
-        results = _gather_rank_results(store_path, ctx.world)
-        ctx.barrier()  # every rank has read every file (all arrive within one poll interval)
-        if ctx.main:
-            _remove_rank_results(store_path)
-    else:
-        results = [result]
+    results = _gather_results(store_path, ctx, tally)
     problems = [tuple(p) for r in results for p in r["problems"]]
     clipped, read_bytes, imported = (sum(r[key] for r in results)
                                      for key in ("clipped", "bytes", "imported"))
@@ -447,7 +408,3 @@ def import_labels(source_dir, train_set, store_path, layout="fkd", ctx=None, lab
               + f"; {clipped} crop boxes clipped to their image (fp16 rounding past the edge); "
               f"{int(np.asarray(store.done).sum())}/{len(files)} images done")
     return store
-
-
-def _as_is(item):
-    return item

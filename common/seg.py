@@ -26,15 +26,10 @@ from .data import DataError, load_rgb
 from .models import normalize
 
 IGNORE_INDEX = 255
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-               "train", "tvmonitor")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
 
-# ----------------------------------------------------------------------------------------------
-# Finding (image, mask) pairs
-# ----------------------------------------------------------------------------------------------
+# --- Finding (image, mask) pairs ------------------------------------------------------------------
 def _voc_split(year_dir, split):
     """(image, mask) paths listed in YEAR/ImageSets/Segmentation/<split>.txt."""
     listing = os.path.join(year_dir, "ImageSets", "Segmentation", f"{split}.txt")
@@ -96,9 +91,7 @@ def find_pairs(root):
     return folder_pairs(root, "train"), folder_pairs(root, "val"), "images/masks"
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading and checking masks
-# ----------------------------------------------------------------------------------------------
+# --- Reading and checking masks -------------------------------------------------------------------
 def load_mask(path):
     """A mask PNG as a uint8 HW array of class ids (palette indices for VOC's palette PNGs)."""
     try:
@@ -148,9 +141,7 @@ def check_pairs(pairs, num_classes):
                             f"(and {IGNORE_INDEX} = ignore); fix the mask or pass --num-classes")
 
 
-# ----------------------------------------------------------------------------------------------
-# Paired transforms (official order: flip, random scale + pad + crop, blur; val: plain resize)
-# ----------------------------------------------------------------------------------------------
+# --- Paired transforms (official order: flip, random scale + pad + crop, blur; val: plain resize) -
 class RandomScaleCropFlip:
     """Training pair transform: horizontal flip (p 0.5); resize so the short side is a random integer
     in [base / 2, 2 base] (image bilinear, mask nearest); pad right/bottom to `crop` (image 0,
@@ -167,10 +158,8 @@ class RandomScaleCropFlip:
             image, mask = image.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
         short = random.randint(int(self.base * 0.5), int(self.base * 2.0))
         width, height = image.size
-        if height > width:
-            size = (short, int(height * short / width))
-        else:
-            size = (int(width * short / height), short)
+        size = (short, int(height * short / width)) if height > width else \
+            (int(width * short / height), short)
         image, mask = image.resize(size, Image.BILINEAR), mask.resize(size, Image.NEAREST)
         pad_w, pad_h = max(self.crop - size[0], 0), max(self.crop - size[1], 0)
         if pad_w or pad_h:
@@ -215,9 +204,7 @@ class SegmentationSet(Dataset):
         return image, torch.from_numpy(np.array(mask, dtype=np.int64))
 
 
-# ----------------------------------------------------------------------------------------------
-# Metric: confusion matrix and mean IoU
-# ----------------------------------------------------------------------------------------------
+# --- Metric: confusion matrix and mean IoU --------------------------------------------------------
 def confusion_matrix(prediction, target, num_classes, ignore_index=IGNORE_INDEX):
     """[C, C] int64 counts, rows = true class, columns = predicted class, over the pixels whose
     target is a class id (ignore_index and any other out-of-range value are skipped)."""
@@ -230,19 +217,13 @@ def confusion_matrix(prediction, target, num_classes, ignore_index=IGNORE_INDEX)
 def iou_per_class(matrix):
     """IoU_c = TP / (TP + FP + FN); NaN for a class absent from both truth and prediction."""
     matrix = matrix.double()
-    true_positive = matrix.diag()
-    union = matrix.sum(0) + matrix.sum(1) - true_positive
-    return true_positive / union  # 0 / 0 -> NaN
+    return matrix.diag() / (matrix.sum(0) + matrix.sum(1) - matrix.diag())  # 0 / 0 -> NaN
 
 
 def mean_iou(matrix):
     """Mean over the classes with a defined IoU (NaNs skipped, as the official numpy nanmean)."""
     iou = iou_per_class(matrix)
     return float(iou[~iou.isnan()].mean()) if (~iou.isnan()).any() else float("nan")
-
-
-def pixel_accuracy(matrix):
-    return float(matrix.diag().sum() / matrix.sum().clamp(min=1))
 
 
 @torch.no_grad()
@@ -264,6 +245,7 @@ def evaluate_segmentation(model, data_loader, ctx, mean, std, num_classes, args=
             matrices[head] += confusion_matrix(logits.argmax(1), masks, num_classes)
     matrices = torch.tensor(ctx.all_reduce_sum(matrices.flatten().tolist()), dtype=torch.float64)
     matrices = matrices.reshape(heads, num_classes, num_classes)
-    results = [{"miou": 100.0 * mean_iou(m), "pixel_acc": 100.0 * pixel_accuracy(m), "pixels": int(m.sum())}
+    results = [{"miou": 100.0 * mean_iou(m),
+                "pixel_acc": 100.0 * float(m.diag().sum() / m.sum().clamp(min=1)), "pixels": int(m.sum())}
                for m in matrices]
     return results if heads > 1 else results[0]

@@ -469,3 +469,22 @@ def test_cli_end_to_end_resume_with_a_worker_and_torchrun(tiny_data, tmp_path):
     ddp = read_metrics(tmp_path / "d")
     assert [r["val_count"] for r in ddp] == [9, 9] and ddp[0]["train_images"] == 32
     assert "SyncBatchNorm needs CUDA" in result.stdout and result.stdout.count("BAKE summary") == 1
+
+
+def test_precise_bn_leaves_non_batchnorm2d_layers_to_their_momentum_as_the_official_code():
+    """Official compute_precise_bn_stats collects nn.BatchNorm2d only; SyncBatchNorm is not one, so
+    under SYNC_BN its training-mode forwards just moved the running statistics with momentum 0.1."""
+    class NotBatchNorm2d(torch.nn.modules.batchnorm._BatchNorm):  # like SyncBatchNorm: no BatchNorm2d
+        def _check_input_dim(self, x):
+            pass
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), NotBatchNorm2d(4))
+    batches = [torch.randn(6, 3, 5, 5) * (i + 1) + i for i in range(3)]
+    mean, var = torch.zeros(4), torch.ones(4)
+    with torch.no_grad():
+        for b in batches:  # the momentum rule by hand: running = 0.9 running + 0.1 batch statistic
+            h = model[0](b).transpose(0, 1).reshape(4, -1)
+            mean, var = 0.9 * mean + 0.1 * h.mean(1), 0.9 * var + 0.1 * h.var(1, unbiased=True)
+    assert bake.precise_bn_stats(model.eval(), batches) == 3
+    torch.testing.assert_close(model[1].running_mean, mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model[1].running_var, var, atol=1e-5, rtol=1e-5)

@@ -474,4 +474,11 @@ def test_gpu_smoke_script_parses_and_dist_checks_pass_on_cpu():
         dist.destroy_process_group()
     assert failed == 0, lines
     assert [line.split(":")[0] for line in lines] == [
-        "ok   collectives", "ok   evaluate", "ok   ddp step float16", "ok   ddp step bfloat16"]
+        "ok   collectives", "ok   evaluate", "ok   eval buffers", "ok   ddp step float16", "ok   ddp step bfloat16"]
+
+
+def test_dist_checks_pass_with_two_gloo_processes():
+    """Two ranks: the empty eval shard, evaluation with rank 0's BN statistics, DDP steps."""
+    from conftest import run_script, torchrun
+    result = run_script(torchrun(2) + ["tests/gpu/dist_check.py", "--device", "cpu"], timeout=300)
+    assert result.stdout.count("ok   ") == 5 and "eval buffers: 2 rank(s)" in result.stdout, result.stdout

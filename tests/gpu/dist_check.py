@@ -9,6 +9,8 @@ with device_id, as setup() does) and checks, printing one line per check:
   collectives   all_reduce_sum / broadcast_object / barrier on the communication device
   evaluate      top-1 of a model with a known answer, sharded over the ranks, with a rank whose
                 shard is empty (more ranks than images: no hang, every image counted once)
+  eval buffers  evaluate() first gives every rank rank 0's buffers (BN statistics), the ones that
+                rank 0's checkpoint holds
   ddp step      a DistributedDataParallel step with ctx.autocast / ctx.grad_scaler (--amp,
                 float16 and bfloat16 on CUDA) keeps every rank's weights equal and finite
   syncbn        timm's convert_sync_batchnorm keeps timm's BatchNormAct2d activations (outputs
@@ -77,6 +79,16 @@ def check_evaluate(ctx):
     return f"{count} image(s) over {ctx.world} rank(s), top-1 {result['top1']:.1f}%"
 
 
+def check_eval_buffers(ctx):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).to(ctx.device)
+    model[1].running_mean.fill_(float(ctx.rank))  # each rank its own statistics, as after DDP steps
+    data = [(torch.zeros(3, 2, 2, dtype=torch.uint8), 0)]
+    loader = torch.utils.data.DataLoader(data, sampler=ShardSampler(len(data), ctx.rank, ctx.world))
+    evaluate(model, loader, ctx, [0.0] * 3, [1.0] * 3)
+    assert torch.all(model[1].running_mean == 0.0), f"rank {ctx.rank} evaluated with its own BN statistics"
+    return f"{ctx.world} rank(s) evaluate with rank 0's BN statistics"
+
+
 def check_ddp_step(ctx, dtype):
     args = Namespace(amp=True, amp_dtype=dtype)
     torch.manual_seed(0)  # the same initial weights on every rank
@@ -123,7 +135,7 @@ def check_syncbn(ctx):
 
 def run_checks(ctx):
     """Run every check in an initialized process group; returns (lines, number failed)."""
-    checks = [("collectives", check_collectives), ("evaluate", check_evaluate),
+    checks = [("collectives", check_collectives), ("evaluate", check_evaluate), ("eval buffers", check_eval_buffers),
               ("ddp step float16", lambda c: check_ddp_step(c, "float16")),
               ("ddp step bfloat16", lambda c: check_ddp_step(c, "bfloat16"))]
     if ctx.device.type == "cuda":
