@@ -545,10 +545,13 @@ FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or
 ]
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, paired=False):
     p = flags.build_parser(__doc__.split("\n\n")[0] + " Flags without a default take the recipe's value "
                            "(RECIPES).", FLAGS)
     args = p.parse_args(argv)
+    flags.refuse_ignored(set() if paired else flags.given(p, argv), [  # the demo's pair: BAKE's flags
+        (args.baseline, "--baseline (the paper's vanilla run: lambda 0, M 0; a control with other values: "
+         "--lam 0 without --baseline)", ("lam", "per_class"))])
     args.recipe = "demo" if args.data == "demo" and args.recipe is None else (args.recipe or "imagenet")
     recipe = RECIPES[args.recipe]
     if args.baseline:
@@ -578,7 +581,7 @@ def runs_of(args, argv):
     (the same command with --baseline). A control (--lam 0) or --baseline runs alone."""
     runs = [("baseline" if args.baseline else "bake", args)]
     if args.data == "demo" and not args.baseline and args.lam > 0:
-        runs.append(("baseline", parse_args(list(argv) + ["--baseline"])))
+        runs.append(("baseline", parse_args(list(argv) + ["--baseline"], paired=True)))
     return runs
 
 

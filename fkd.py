@@ -29,6 +29,7 @@ Commands (batch sizes are global, all GPUs together, counted in crops, as in the
   released labels  python fkd.py --data /imagenet --mode import --import-from DIR --labels L
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -49,11 +50,11 @@ from common import ckpt, demo, flags
 from common.crops import replay_crops, sample_crops
 from common.data import (DataError, FreshCrops, TaggedSampler, eval_loader, eval_sets, evaluate, evaluate_sets,
                          eval_transform, image_folder, load_rgb, loader, mix_batch)
-from common.dist import (EpochSums, epoch_generator, maybe_compile, on_every_rank, run_main, seed_rank_epoch,
-                         seeded, unwrap)
+from common.dist import (EpochSums, epoch_generator, maybe_compile, on_every_rank, one_sentence, run_main,
+                         seed_rank_epoch, seeded, unwrap)
 from common.labels import (CODECS, LabelStore, StoreError, StoredCrops, check_for_training, decode,
-                           decode_stored_batch, default_store_path, describe_store, encode, label_identity,
-                           lock_store, open_for_generation, teacher_identity)
+                           decode_stored_batch, default_store_path, describe_store, encode, failure_marker,
+                           label_identity, lock_store, open_for_generation, open_shared, teacher_identity)
 from common.models import (ModelError, create, describe_data_config, init_spec, load_teachers,
                            make_optimizer, normalize, teacher_logits)
 
@@ -169,6 +170,17 @@ def teacher_views(teachers):
     return [(ex["data_config"]["input_size"], ex["data_config"]["interpolation"]) for _, ex in teachers]
 
 
+@contextlib.contextmanager
+def failing_tells_the_others(path):
+    """An error on this rank leaves its sentence beside the store, where the other ranks' wait sees it."""
+    try:
+        yield
+    except Exception as error:
+        with open(failure_marker(path), "w") as f:
+            f.write(one_sentence(error))
+        raise
+
+
 def generate_labels(args, ctx, train_set, teachers, store):
     """Label every image not marked done; under torchrun each rank takes a disjoint share, then
     waits (polling the done flags, no collective with a timeout) for the others."""
@@ -182,7 +194,7 @@ def generate_labels(args, ctx, train_set, teachers, store):
     ctx.print(f"generating labels: {len(todo)} images x {args.stored_crops} crops, codec {args.codec}, "
               f"{len(teachers)} teacher(s), {ctx.world} process(es) -> {store.path}")
     start, pending, autocast = time.time(), [], ctx.autocast(args)
-    with ctx.bar(total=len(mine), desc="labels", unit="img") as bar:
+    with ctx.bar(total=len(mine), desc="labels", unit="img") as bar, failing_tells_the_others(store.path):
         for n, j, boxes, flips, images, size in data:
             images = [x.to(ctx.device, non_blocking=True) for x in images]
             indices, values = label_crops(teachers, images, args.codec, args.k, args.temperature,
@@ -543,10 +555,22 @@ def prepare_store(args, ctx, train_set, teachers, teachers_identity, label_dim):
                           args.crop_ratio, args.temperature, args.stores, args.seed, label_dim)
     if not LabelStore.is_store(args.labels) or args.overwrite_labels:
         ctx.print(describe_store(args.labels, meta))
-    on_every_rank(ctx, lambda: (lock_store(args.labels, ctx.print),
+    marker = failure_marker(args.labels)
+    on_every_rank(ctx, lambda: (lock_store(args.labels, ctx.print), os.path.exists(marker) and os.remove(marker),
                                 open_for_generation(args.labels, meta, args.overwrite_labels)),
                   (DataError, ModelError, StoreError, ckpt.CheckpointError), StoreError)
-    return generate_labels(args, ctx, train_set, teachers, LabelStore.open(args.labels, writable=True))
+    return generate_labels(args, ctx, train_set, teachers, open_shared(ctx, args.labels, writable=True))
+
+
+def store_is_ready(args):
+    """True: train from the complete store at --labels; False: (finish) labelling into it."""
+    existing = LabelStore.open(args.labels) if LabelStore.is_store(args.labels) else None
+    if existing is not None and existing.complete and not args.overwrite_labels:
+        return True
+    if args.mode == "show" or (existing is not None and existing.imported and not args.overwrite_labels):
+        raise StoreError(f"no complete label store at {args.labels}; make it with --mode label (or finish an "
+                         f"import with --mode import)")
+    return False
 
 
 def run(args, explicit, ctx):
@@ -582,17 +606,14 @@ def run(args, explicit, ctx):
     teachers_identity = teacher_identity(args.teacher or []) if args.mode != "ce" else []
     store = None
     if args.mode in ("fkd", "label", "show"):
-        args.labels = args.labels or default_store_path(data_tag(args.data), {
+        args.labels = ctx.broadcast_object(args.labels or default_store_path(data_tag(args.data), {
             "data_root": os.path.abspath(root), "teachers": teachers_identity, "crop_scale": args.crop_scale,
             "crop_ratio": args.crop_ratio, "seed": args.seed, "num_crops": args.stored_crops, "codec": args.codec,
             "k": args.k if args.codec in ("ms", "mr") else 1, "stores": args.stores,
-            "temperature": None if args.stores == "logits" else args.temperature, "label_dim": label_dim})
-        existing = LabelStore.open(args.labels) if LabelStore.is_store(args.labels) else None
-        if existing is not None and existing.complete and not args.overwrite_labels:
-            store = existing
-        elif args.mode == "show" or (existing is not None and existing.imported and not args.overwrite_labels):
-            raise StoreError(f"no complete label store at {args.labels}; make it with --mode label (or "
-                             f"finish an import with --mode import)")
+            "temperature": None if args.stores == "logits" else args.temperature, "label_dim": label_dim}))
+        # rank 0 decides for the job: every rank then opens the same store, or all stop in one sentence
+        if on_every_rank(ctx, lambda: store_is_ready(args), (StoreError, OSError), StoreError):
+            store = open_shared(ctx, args.labels)
     labelling = store is None and args.mode in ("fkd", "label")
     if labelling and args.codec in ("ms", "mr") and args.k >= label_dim:
         raise SystemExit(f"error: --k {args.k} must be smaller than the {label_dim} classes; lower --k")

@@ -328,8 +328,10 @@ def evaluate_ensemble(teachers, root, classes, args, ctx):
     sets = [image_folder(root, "val", eval_transform(c["input_size"], c["crop_pct"], c["interpolation"]),
                          classes) for c in (ex["data_config"] for _, ex in teachers)]
     correct, total = torch.zeros((), device=ctx.device), 0
-    for batches in zip(*[eval_loader(s, args.batch_size, 0, ctx, persistent=False) for s in sets]):
-        views, labels = [images.to(ctx.device) for images, _ in batches], batches[0][1].to(ctx.device)
+    batch = max(1, args.batch_size // ctx.world)  # per process, with the run's loader workers
+    for batches in zip(*[eval_loader(s, batch, args.workers, ctx, persistent=False) for s in sets]):
+        views = [images.to(ctx.device, non_blocking=True) for images, _ in batches]
+        labels = batches[0][1].to(ctx.device, non_blocking=True)
         probs = ensemble_average(teacher_logits(teachers, views, ctx.autocast(args)))  # Eq. 1
         correct, total = correct + (probs.argmax(1) == labels).sum(), total + len(labels)
     correct, total = ctx.all_reduce_sum([correct.item(), total])
@@ -387,6 +389,9 @@ def parse_args(argv=None):
     p = flags.build_parser(__doc__.split("\n\n")[0] + " Flags without a default take the recipe's value "
                            "(PRESETS: ImageNet, --labels, demo).", FLAGS, "the student")
     args = p.parse_args(argv)
+    flags.refuse_ignored(flags.given(p, argv), [
+        (args.no_teachers, "--no-teachers (hard-label CE: no discriminator)", ("d_lr", "disc_rule", "no_disc")),
+        (args.no_disc, "--no-disc", ("d_lr", "disc_rule"))])
     for key, value in PRESETS[recipe_of(args)].items():  # what was not given: the recipe's
         if getattr(args, key, None) is None and key != "arch":  # the student: see student_spec()
             setattr(args, key, value)

@@ -40,6 +40,7 @@ RESUMABLE_FLAGS = frozenset({
 # Locations that may move between a run and its resume (the label store is checked by content).
 MOVABLE_FLAGS = frozenset({"labels"})
 
+RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "summary.json")  # what a run writes in OUT
 RUN_NAME = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")
 
 
@@ -216,9 +217,16 @@ def prepare_out(out, resume, overwrite):
         raise CheckpointError("--resume continues a run and --overwrite starts it over; pass only one")
     make_out_folder(out)
     last = os.path.join(out, "last.pth")
+    for name in os.listdir(out):  # OUT is locked: a temporary file is a killed run's half-written one
+        if re.fullmatch(r"(last|best)\.pth\.tmp\d+|metrics\.jsonl\.tmp", name):
+            os.remove(os.path.join(out, name))
+    written = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
     if resume:
         path = last if resume == "auto" else resume
         if resume == "auto" and not os.path.exists(path):
+            if written:
+                raise CheckpointError(f"{out} holds a run ({', '.join(written)}) but no last.pth to continue "
+                                      f"from; pass --overwrite to start over (it replaces them), or another --out")
             return None
         if os.path.isdir(path):  # a run's folder: its last.pth
             if not os.path.isfile(os.path.join(path, "last.pth")):
@@ -228,11 +236,12 @@ def prepare_out(out, resume, overwrite):
         if not os.path.exists(path):
             raise CheckpointError(f"--resume {path}: no such checkpoint; drop --resume to start fresh")
         return path
-    if os.path.exists(last) and not overwrite:
-        raise CheckpointError(f"{out} already holds a run's checkpoint (last.pth); pass --resume auto "
-                              f"to continue it, --overwrite to start over, or another --out")
-    if overwrite and os.path.exists(os.path.join(out, "metrics.jsonl")):
-        os.remove(os.path.join(out, "metrics.jsonl"))
+    if written and not overwrite:
+        raise CheckpointError(f"{out} already holds a run ({', '.join(written)}); pass --resume auto to "
+                              f"continue it, --overwrite to start over, or another --out")
+    for name in ("metrics.jsonl", "summary.json") if overwrite else ():  # checkpoints: replaced when saved
+        if name in written:
+            os.remove(os.path.join(out, name))
     return None
 
 
@@ -408,11 +417,16 @@ class Checkpointer:
     def end_epoch(self, metrics, best, args, score="val_top1", **meta):
         """Log and print the epoch's metrics, checkpoint (best.pth by metrics[score]: top-1, or e.g.
         val_miou), wait for all ranks. Returns True when --stop-epoch says to stop here."""
-        epoch = metrics["epoch"]
-        self.log.append(metrics)
-        self.ctx.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-        self.save(epoch, metrics[score], best, args, **meta)
-        self.ctx.barrier()
+        epoch, error = metrics["epoch"], None
+        try:  # rank 0 writes; its outcome reaches every rank (a write error never leaves them waiting)
+            self.log.append(metrics)
+            self.ctx.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+            self.save(epoch, metrics[score], best, args, **meta)
+        except CheckpointError as exc:
+            error = str(exc)
+        error = self.ctx.broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
         stop = args.stop_epoch is not None and epoch >= args.stop_epoch
         if stop:
             self.ctx.print(f"stopping after epoch {epoch} (--stop-epoch); continue with --resume auto")

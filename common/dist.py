@@ -31,8 +31,8 @@ class Context:
         return self.rank == 0
 
     @property
-    def distributed(self):
-        return self.world > 1
+    def distributed(self):  # a process group: several processes, or one under KD_DDP=1 (GPU smoke)
+        return self.world > 1 or (dist.is_available() and dist.is_initialized())
 
     def print(self, *args):
         if self.main:
@@ -248,7 +248,9 @@ def setup(device="auto", threads=None):
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     else:
         torch_device = torch.device(device)
-    if world > 1 and not dist.is_initialized():
+    # KD_DDP=1 under torchrun: a process group of one, so one GPU runs the DDP, NCCL and SyncBN paths
+    grouped = world > 1 or (os.environ.get("KD_DDP") == "1" and "MASTER_ADDR" in os.environ)
+    if grouped and not dist.is_initialized():
         # device_id binds NCCL to this rank's GPU (no guessing from the current device)
         dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=30),

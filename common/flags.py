@@ -95,3 +95,13 @@ def build_parser(description, table, network="the network"):
     add_run_flags(p, network)
     return p
 
+
+def refuse_ignored(given, rules):
+    """One sentence for a flag the user typed that a switch would ignore or override: rules are
+    (switch is on, the switch as the user knows it, dest names it leaves without effect)."""
+    for active, switch, dests in rules:
+        typed = [d for d in dests if d in given]
+        if active and typed:
+            names = " ".join("--" + d.replace("_", "-") for d in typed)
+            raise SystemExit(f"error: {names} has no effect with {switch}; drop one of them")
+

@@ -402,8 +402,12 @@ class LabelStore:
 
     def wait_until_complete(self, poll_seconds=2.0, on_wait=None):
         """Block until every image is marked done (other ranks' shares): a poll, not a collective, so
-        ranks that finish hours apart are not killed by a collective's timeout."""
+        ranks that finish hours apart are not killed by a collective's timeout. A rank that failed
+        leaves its sentence in failure_marker(path): then every waiting rank stops with it."""
         while self.done_count() < self.meta["num_images"]:
+            if os.path.exists(failure_marker(self.path)):
+                with open(failure_marker(self.path)) as f:
+                    raise StoreError(f"another process stopped while labelling: {f.read().strip()}")
             if on_wait is not None:
                 on_wait()
             time.sleep(poll_seconds)
@@ -631,4 +635,28 @@ def check_for_training(store, args, explicit, train_set, teachers, label_dim, si
         raise StoreError(f"--num-crops {args.num_crops} exceeds the {store.meta['num_crops']} crops stored per "
                          f"image in {store.path}; lower --num-crops")
     store.check_image_sizes(train_set.samples, limit=size_check_limit)
+
+
+def failure_marker(path):
+    """.NAME.failed beside the store: the sentence of a rank that stopped while labelling into it."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.failed")
+
+
+def open_shared(ctx, path, writable=False):
+    """Open the store on every process and check that all of them see the same one: a store on one
+    node's local disk is refused in one sentence on every rank instead of a wait that never ends."""
+    store, error = None, None
+    try:
+        store = LabelStore.open(path, writable=writable)
+    except (StoreError, OSError, ValueError) as exc:
+        error = str(exc)
+    digest = identity_digest(store.meta) if store is not None else None
+    same = ctx.broadcast_object(digest) == digest
+    missing, differ = ctx.all_reduce_sum([float(store is None), float(store is not None and not same)])
+    if missing or differ:
+        raise StoreError(f"label store {path} is {'missing' if missing else 'another store'} on "
+                         f"{int(missing or differ)} of {ctx.world} processes{' (' + error + ')' if error else ''}: "
+                         f"--labels must be a folder that every node sees (a shared filesystem)")
+    return store
 

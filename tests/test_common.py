@@ -482,3 +482,11 @@ def test_dist_checks_pass_with_two_gloo_processes():
     from conftest import run_script, torchrun
     result = run_script(torchrun(2) + ["tests/gpu/dist_check.py", "--device", "cpu"], timeout=300)
     assert result.stdout.count("ok   ") == 5 and "eval buffers: 2 rank(s)" in result.stdout, result.stdout
+
+
+def test_the_minimum_torch_is_stated_once_and_checked():
+    import common
+    assert common.torch_too_old("2.14.1+cu130") is None and common.torch_too_old("2.5.0") is None
+    assert "needs torch >= 2.5, found 2.4.1" in common.torch_too_old("2.4.1+cpu")
+    with open(os.path.join(os.path.dirname(common.__file__), "..", "requirements.txt")) as f:
+        assert "torch>=2.5\n" in f.read()  # the same minimum as the check

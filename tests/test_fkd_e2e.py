@@ -358,3 +358,58 @@ def test_a_store_being_labelled_by_another_run_is_refused(tiny_data, tiny_teache
     assert not labels.exists()
     assert fkd_main("--data", tiny_data, *SMALL, "--mode", "label", "--teacher", tiny_teacher,
                     "--labels", labels) is None  # free again: the same command labels the store
+
+
+def two_nodes(tmp_path, argv, timeout=240, preexec_fn=None):
+    """Two torchrun agents on localhost (c10d rendezvous), one process each, each running from its own
+    copy of the code in its own folder, as two nodes with local disks; returns both results."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for node in range(2):
+        copy = tmp_path / f"node{node}"
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv*", "runs", "tests", "docs",
+                                                                  "__pycache__", ".demo_cache*"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=fkd-two-nodes",
+               "fkd.py", *argv]
+        env = dict(os.environ, PYTHONPATH=str(copy), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, preexec_fn=preexec_fn))
+    return [(p.wait(timeout=timeout), *p.communicate()) for p in procs]
+
+
+def test_two_nodes_with_node_local_default_store_stop_in_one_sentence(tiny_data, tiny_teacher, tmp_path):
+    """Rank 0 decides where the store is; a node that cannot see it stops every rank with the cause."""
+    results = two_nodes(tmp_path, ["--data", tiny_data, "--teacher", tiny_teacher, *TINY, "--mode", "label",
+                                   "--device", "cpu"])
+    for code, out, err in results:
+        assert code != 0, out + err
+        assert "must be a folder that every node sees (a shared filesystem)" in out + err, out + err
+        assert "is missing on 1 of 2 processes" in out + err
+
+
+def test_two_nodes_a_rank_that_fails_while_labelling_stops_the_waiting_ranks(tiny_teacher, tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    last = sorted((tmp_path / "data" / "train").rglob("*.png"))[-1]  # in the second rank's share
+    last.write_bytes(b"not an image")
+    results = two_nodes(tmp_path, ["--data", data, "--teacher", tiny_teacher, *TINY, "--mode", "label",
+                                   "--device", "cpu", "--labels", str(tmp_path / "shared_labels")])
+    text = [out + err for _, out, err in results]
+    assert all(code != 0 for code, _, _ in results), text
+    assert any("another process stopped while labelling: cannot read image" in t for t in text), text
+    assert all("cannot read image" in t for t in text), text
+
+
+def test_two_nodes_a_checkpoint_write_error_on_rank_0_stops_every_rank(tiny_data, tmp_path):
+    """Rank 0 alone writes last.pth; a full disk there reaches the other node's rank as the same sentence."""
+    import resource
+
+    def small_files():  # checkpoints exceed it; Python ignores SIGXFSZ, so the write fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    results = two_nodes(tmp_path, ["--data", tiny_data, *TINY, "--mode", "ce", "--device", "cpu",
+                                   "--out", str(tmp_path / "out")], preexec_fn=small_files)
+    for code, out, err in results:
+        assert code != 0 and "error: cannot write" in out + err and "--resume auto" in out + err, out + err

@@ -445,3 +445,48 @@ def test_resume_with_changed_epochs_or_lr_is_refused_and_the_run_kept(tiny_data,
         argv = tiny_argv("bake", tiny_data, None, out, "--epochs", "2", *changed, "--resume", "auto")
         assert_one_sentence(run_main("bake", argv), needle)  # argparse: the last --epochs wins
     assert ((out / "last.pth").read_bytes(), (out / "metrics.jsonl").read_text()) == before
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("resume", [[], ["--resume", "auto"]], ids=["start", "resume-auto"])
+def test_a_folder_with_any_file_of_a_run_is_never_started_over(name, resume, tiny_data, tiny_teacher, tmp_path,
+                                                                monkeypatch):
+    """best.pth, metrics.jsonl or summary.json without last.pth (deleted, or killed before the first
+    checkpoint) is a run too: refused without --overwrite, and left as it was."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    files = {"best.pth": b"the best model", "metrics.jsonl": b'{"epoch": 3}\n', "summary.json": b"{}"}
+    for file, content in files.items():
+        (out / file).write_bytes(content)
+    code = run_main(name, tiny_argv(name, tiny_data, tiny_teacher, out, "--epochs", "1", *resume))
+    assert_one_sentence(code, "holds a run (best.pth, metrics.jsonl, summary.json)", "--overwrite")
+    assert all((out / file).read_bytes() == content for file, content in files.items())
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_killed_checkpoint_write_leaves_no_temporary_file(name, tiny_data, tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "last.pth.tmp4242").write_bytes(b"half a checkpoint")  # what a kill -9 inside save_atomic leaves
+    assert run_main(name, tiny_argv(name, tiny_data, tiny_teacher, out, "--epochs", "1")) == 0
+    assert not [f for f in os.listdir(out) if ".tmp" in f] and (out / "last.pth").exists()
+
+
+IGNORED = [  # (script, extra flags, words of the sentence): a typed flag is honoured or refused
+    ("fkd", ["--stored-crops", "6"], ["--stored-crops 6 differs from the 4 crops stored per image"]),
+    ("bake", ["--baseline", "--per-class", "3", "--lam", "0.5"], ["--lam --per-class has no effect with --baseline"]),
+    ("meal_v2", ["--no-disc", "--d-lr", "0.1"], ["--d-lr has no effect with --no-disc"]),
+    ("meal_v2", ["--no-teachers", "--disc-rule", "gan"], ["--disc-rule has no effect with --no-teachers"]),
+]
+
+
+@pytest.mark.parametrize("name,extra,needles", IGNORED, ids=[f"{n}:{e[0]}" for n, e, _ in IGNORED])
+def test_no_typed_flag_is_silently_ignored(name, extra, needles, tiny_data, tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if name == "fkd":  # a complete store of 4 crops per image, then training that asks for 6
+        assert run_main(name, tiny_argv(name, tiny_data, tiny_teacher, tmp_path / "first", "--mode", "label",
+                                        "--labels", tmp_path / "labels")) == 0
+        extra = extra + ["--labels", str(tmp_path / "labels")]
+    assert_one_sentence(run_main(name, tiny_argv(name, tiny_data, tiny_teacher, tmp_path / "out", *extra)), *needles)
