@@ -50,9 +50,9 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms
 
 from common import ckpt, demo, flags
-from common.data import (DataError, SeededItems, eval_sets, eval_transform, evaluate_sets,
+from common.data import (DataError, SeededItems, TaggedSampler, eval_sets, eval_transform, evaluate_sets,
                          image_folder, train_transform)
-from common.dist import derive_seed, maybe_compile, run_main, seed_rank_epoch, seeded, unwrap
+from common.dist import epoch_generator, maybe_compile, run_main, seed_rank_epoch, seeded, unwrap
 from common.models import (ModelError, create, describe_data_config, init_spec, normalize, parse_spec,
                            read_checkpoint, state_dict_of)
 
@@ -172,20 +172,6 @@ class PerClassBatchSampler(Sampler):
             tuples = np.concatenate([tuples, self.order[self.class_start[cls][:, None] + pick]], axis=1)
         for batch in tuples.reshape(len(self), self.world, self.anchors_per_batch, -1)[:, self.rank]:
             yield batch.reshape(-1).tolist()
-
-
-class EpochTaggedBatches(Sampler):
-    """(index, epoch) items for SeededItems: a crop depends on (seed, rank, epoch, index) only."""
-
-    def __init__(self, batch_sampler):
-        self.batch_sampler, self.set_epoch = batch_sampler, batch_sampler.set_epoch
-
-    def __iter__(self):
-        epoch = self.batch_sampler.epoch
-        return ([(index, epoch) for index in batch] for batch in self.batch_sampler)
-
-    def __len__(self):
-        return len(self.batch_sampler)
 
 
 # --- What the recipes train with: lighting, the CIFAR network, schedule, precise BN --------------
@@ -379,12 +365,6 @@ def prepare_images(images, cfg, device, lighting=None, lighting_std=0.0, generat
     return images
 
 
-def device_generator(device, *keys):
-    """A generator on `device` seeded from (seed, rank, epoch, stream) keys."""
-    return torch.Generator(device=device).manual_seed(derive_seed(*keys))
-
-
-# --- The training step (Algorithm 1) -------------------------------------------------------------
 def train_step(net, images, labels, optimizer, scaler, args, ctx):
     """Forward, soft targets, Eq. 2, backward, step. Returns device tensors (loss, ce, kd, correct)."""
     with ctx.autocast(args):
@@ -418,7 +398,7 @@ def train(args, ctx, train_items, val_sets, out):
                                    model=unwrap(net).model, optimizer=optimizer, scaler=scaler)
     start_epoch, best = checkpoint.restore()
     anchors = args.batch_size // (ctx.world * (args.per_class + 1))  # per rank and step
-    sampler = EpochTaggedBatches(PerClassBatchSampler(targets, anchors, args.per_class, ctx.rank,
+    sampler = TaggedSampler(PerClassBatchSampler(targets, anchors, args.per_class, ctx.rank,
                                                       ctx.world, args.seed))
     if len(sampler) == 0:
         raise DataError(f"{len(targets)} training images make no batch of {args.batch_size} "
@@ -432,8 +412,8 @@ def train(args, ctx, train_items, val_sets, out):
     metrics, run_start = {}, time.time()
     for epoch in range(start_epoch, args.epochs):
         seed_rank_epoch(args.seed, ctx.rank, epoch)  # dropout / drop-path: this rank's own stream
-        noise = device_generator(ctx.device, args.seed, ctx.rank, epoch, 1)  # lighting alphas
-        sampler.set_epoch(epoch)
+        noise = epoch_generator(args.seed, ctx.rank, epoch, 1, ctx.device)  # lighting alphas
+        sampler.set_epoch(epoch, epoch)
         lr = epoch_lr(epoch, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -455,7 +435,7 @@ def train(args, ctx, train_items, val_sets, out):
                    "train_images": int(seen), "train_steps": len(sampler),
                    "train_time": time.time() - epoch_start}
         if precise:  # pycls: after each epoch, on the first batches the train loader gives
-            noise = device_generator(ctx.device, args.seed, ctx.rank, epoch, 2)
+            noise = epoch_generator(args.seed, ctx.rank, epoch, 2, ctx.device)
             metrics["precise_bn_batches"] = precise_bn_stats(unwrap(net).model, (
                 prepare_images(batch, cfg, ctx.device, lighting, args.lighting, noise)
                 for batch, _ in itertools.islice(data, precise)))

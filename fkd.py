@@ -612,7 +612,7 @@ def run(args, explicit, ctx):
             "k": args.k if args.codec in ("ms", "mr") else 1, "stores": args.stores,
             "temperature": None if args.stores == "logits" else args.temperature, "label_dim": label_dim}))
         # rank 0 decides for the job: every rank then opens the same store, or all stop in one sentence
-        if on_every_rank(ctx, lambda: store_is_ready(args), (StoreError, OSError), StoreError):
+        if on_every_rank(ctx, lambda: store_is_ready(args), (StoreError, OSError), StoreError, share_result=True):
             store = open_shared(ctx, args.labels)
     labelling = store is None and args.mode in ("fkd", "label")
     if labelling and args.codec in ("ms", "mr") and args.k >= label_dim:

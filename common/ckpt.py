@@ -224,7 +224,8 @@ def prepare_out(out, resume, overwrite):
     if resume:
         path = last if resume == "auto" else resume
         if resume == "auto" and not os.path.exists(path):
-            if written:
+            kept = [name for name in written if name != "metrics.jsonl"]  # a log alone: killed before epoch 1's save
+            if kept:
                 raise CheckpointError(f"{out} holds a run ({', '.join(written)}) but no last.pth to continue "
                                       f"from; pass --overwrite to start over (it replaces them), or another --out")
             return None

@@ -39,7 +39,7 @@ def load_rgb(path):
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, img)
             return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot read image {path} ({error}); remove or replace the file") from None
 
 
@@ -112,8 +112,9 @@ class ShardSampler(Sampler):
 
 
 class TaggedSampler(Sampler):
-    """Wrap a sampler so each index comes with a tag (e.g. the pass number) for the dataset; the
-    tag is read in the main process when the epoch starts, so it reaches persistent workers."""
+    """Wrap a sampler (or a batch sampler) so each index comes with a tag (e.g. the pass number) for
+    the dataset; the tag is read in the main process when the epoch starts, so it reaches persistent
+    workers. The one seeding rule of every script: a random draw depends on (seed, rank, tag, index)."""
 
     def __init__(self, sampler):
         self.sampler, self.tag = sampler, 0
@@ -125,7 +126,7 @@ class TaggedSampler(Sampler):
 
     def __iter__(self):
         tag = self.tag
-        return ((index, tag) for index in self.sampler)
+        return ([(i, tag) for i in index] if isinstance(index, list) else (index, tag) for index in self.sampler)
 
     def __len__(self):
         return len(self.sampler)

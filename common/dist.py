@@ -99,19 +99,20 @@ class EpochSums:
         return {k: s / max(count, 1) for k, s in zip(names, sums)}, int(count)
 
 
-def on_every_rank(ctx, work, errors, raise_as):
+def on_every_rank(ctx, work, errors, raise_as, share_result=False):
     """Run `work()` on rank 0 and share its outcome: an error of one of the types `errors` there
-    ends every rank as `raise_as(sentence)` instead of leaving the others waiting for rank 0."""
+    ends every rank as `raise_as(sentence)` instead of leaving the others waiting for rank 0;
+    with `share_result` every rank gets rank 0's (picklable) result, else only rank 0 does."""
     result, message = None, None
     if ctx.main:
         try:
             result = work()
         except errors as exc:
             message = str(exc)
-    message = ctx.broadcast_object(message)
+    message, shared = ctx.broadcast_object((message, result if share_result else None))
     if message is not None:
         raise raise_as(message)
-    return result
+    return result if ctx.main else shared
 
 
 def one_sentence(error):
@@ -312,13 +313,6 @@ def cleanup():
         dist.destroy_process_group()
 
 
-def seed_everything(seed, rank=0):
-    """Seed python, numpy and torch; each rank gets its own stream (seed + rank)."""
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-    torch.manual_seed(seed + rank)
-
-
 # One rule for randomness in every script: everything random in a run derives from
 # (seed, rank, epoch[, item]), never from what ran before. Then every rank has its own stream
 # (dropout, drop-path, mixup/cutmix, loader worker seeds), and a run resumed at an epoch boundary
@@ -336,9 +330,9 @@ def seed_rank_epoch(seed, rank, epoch):
     torch.manual_seed(value)
 
 
-def epoch_generator(seed, rank, epoch, stream=0):
-    """A torch.Generator of its own for (seed, rank, epoch, stream), e.g. mixup/cutmix draws."""
-    return torch.Generator().manual_seed(derive_seed(seed, rank, epoch, stream))
+def epoch_generator(seed, rank, epoch, stream=0, device="cpu"):
+    """A torch.Generator of its own (on `device`) for (seed, rank, epoch, stream): mixup, lighting."""
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, rank, epoch, stream))
 
 
 @contextlib.contextmanager

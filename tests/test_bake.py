@@ -223,12 +223,13 @@ def test_sampler_at_imagenet_scale():
 
 
 def test_epoch_tags_reach_the_items():
-    sampler = bake.EpochTaggedBatches(bake.PerClassBatchSampler(np.repeat(np.arange(2), 4), 2, 1))
-    sampler.set_epoch(3)
+    from common.data import TaggedSampler
+    sampler = TaggedSampler(bake.PerClassBatchSampler(np.repeat(np.arange(2), 4), 2, 1))
+    sampler.set_epoch(3, 3)
     batches = list(sampler)
     assert all(epoch == 3 for batch in batches for _, epoch in batch)
-    sampler.batch_sampler.set_epoch(3)
-    assert [[i for i, _ in b] for b in batches] == list(sampler.batch_sampler)
+    sampler.sampler.set_epoch(3)
+    assert [[i for i, _ in b] for b in batches] == list(sampler.sampler)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -490,3 +490,23 @@ def test_no_typed_flag_is_silently_ignored(name, extra, needles, tiny_data, tiny
                                         "--labels", tmp_path / "labels")) == 0
         extra = extra + ["--labels", str(tmp_path / "labels")]
     assert_one_sentence(run_main(name, tiny_argv(name, tiny_data, tiny_teacher, tmp_path / "out", *extra)), *needles)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("case", ["corrupt image in a loader worker", "decompression bomb"])
+def test_unreadable_images_are_one_sentence_in_every_script(name, case, bad_inputs, tiny_data, tiny_teacher,
+                                                             tmp_path, monkeypatch):
+    from PIL import Image
+    monkeypatch.chdir(tmp_path)
+    if case == "decompression bomb":  # any image over twice the pixel limit: PIL refuses to decode it
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+        data, extra = tiny_data, []
+    else:  # every image of a class corrupt, so an epoch reads one; the worker's traceback must not show
+        data, extra = shutil.copytree(tiny_data, tmp_path / "data"), ["--workers", "1"]
+        victims = os.path.join(data, "train", sorted(os.listdir(os.path.join(data, "train")))[1])
+        for image in os.listdir(victims):
+            with open(os.path.join(victims, image), "wb") as f:
+                f.write(b"not an image")
+    message = assert_one_sentence(run_main(name, tiny_argv(name, data, tiny_teacher, tmp_path / "out", "--epochs",
+                                                           "1", *extra)), "cannot read image", "remove or replace")
+    assert "Traceback" not in message and "worker" not in message.lower()
