@@ -193,7 +193,7 @@ def generate_labels(args, ctx, train_set, teachers, store):
     data = loader(dataset, None, args.workers, device=ctx.device, persistent=False)
     ctx.print(f"generating labels: {len(todo)} images x {args.stored_crops} crops, codec {args.codec}, "
               f"{len(teachers)} teacher(s), {ctx.world} process(es) -> {store.path}")
-    start, pending, autocast = time.time(), [], ctx.autocast(args)
+    start, pending, (autocast, _) = time.time(), [], ctx.teacher_autocast(args)
     with ctx.bar(total=len(mine), desc="labels", unit="img") as bar, failing_tells_the_others(store.path):
         for n, j, boxes, flips, images, size in data:
             images = [x.to(ctx.device, non_blocking=True) for x in images]
@@ -239,7 +239,7 @@ def build_train_loader(args, ctx, train_set, store, m, views):
     return loader(dataset, images_per_batch, args.workers, sampler, ctx.device, drop_last=True), sampler
 
 
-def batch_targets(args, batch, store, teachers, num_classes, device, autocast):
+def batch_targets(args, batch, store, teachers, num_classes, device, teacher_autocast):
     """Images (uint8, flattened to B crops) and soft targets [B, D] for one batch of any mode."""
     if args.mode == "fkd":
         crops, indices, values, labels = batch
@@ -249,7 +249,7 @@ def batch_targets(args, batch, store, teachers, num_classes, device, autocast):
         crops, views, labels = batch
         if args.mode == "online":  # vanilla KD: the teacher runs on this step's crops
             views = [v.to(device, non_blocking=True).flatten(0, 1) for v in views]
-            outputs = teacher_logits(teachers, views, autocast)
+            outputs = teacher_logits(teachers, views, teacher_autocast)
             targets = torch.stack([F.softmax(z / args.temperature, dim=1) for z in outputs]).mean(dim=0)
         else:  # Eq. 1 with lambda = 0: the image label, one-hot made on the device (no host sync)
             labels_here = labels.to(device, non_blocking=True).repeat_interleave(crops.shape[1])
@@ -294,7 +294,7 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
         sums, pass_start = EpochSums(ctx.device), time.time()
         for batch in ctx.bar(data, desc=f"epoch {epoch + 1}-{epoch + covered}/{args.epochs}"):
             crops, targets, labels = batch_targets(args, batch, store, teachers, num_classes, ctx.device,
-                                                   autocast)
+                                                   ctx.teacher_autocast(args)[0])
             images = normalize(crops, student_cfg["mean"], student_cfg["std"])
             if args.mixup > 0 or args.cutmix > 0:
                 images, targets = mix_batch(images, targets, args.mixup, args.cutmix, mix_generator)
@@ -430,6 +430,7 @@ FLAGS = [  # flag, kind (a common.flags parser checks the value), help[, argpars
     ("--stores", ["probs", "logits"], "logits: SSL variant, Sec. 3.4", dict(default="probs")),
     ("--label-dim", flags.positive_int, "--stores logits: width of the teacher's outputs"),
     ("--label-batch", flags.positive_int, "crops per teacher forward"),
+    ("--teacher-amp", "store_true", "teachers under --amp too (default fp32, as the official code)"),
     ("--flush-every", flags.positive_int, "images marked done together (the most a kill redoes per rank)",
      dict(default=64)),
     ("--num-crops", flags.positive_int, "m, crops of one image in a batch (official 4)"),
@@ -553,6 +554,8 @@ def prepare_store(args, ctx, train_set, teachers, teachers_identity, label_dim):
     recorded = [{"name": ex["name"], "sha256": ex["sha256"], **ex["data_config"]} for _, ex in teachers]
     meta = label_identity(train_set, recorded, args.codec, args.k, args.stored_crops, args.crop_scale,
                           args.crop_ratio, args.temperature, args.stores, args.seed, label_dim)
+    if ctx.teacher_autocast(args)[1] != "float32":  # recorded only when not the official fp32
+        meta["teacher_precision"] = ctx.teacher_autocast(args)[1]
     if not LabelStore.is_store(args.labels) or args.overwrite_labels:
         ctx.print(describe_store(args.labels, meta))
     marker = failure_marker(args.labels)
@@ -605,12 +608,14 @@ def run(args, explicit, ctx):
                                     ctx, args.resume)
     teachers_identity = teacher_identity(args.teacher or []) if args.mode != "ce" else []
     store = None
+    precision = ctx.teacher_autocast(args)[1]
     if args.mode in ("fkd", "label", "show"):
         args.labels = ctx.broadcast_object(args.labels or default_store_path(data_tag(args.data), {
             "data_root": os.path.abspath(root), "teachers": teachers_identity, "crop_scale": args.crop_scale,
             "crop_ratio": args.crop_ratio, "seed": args.seed, "num_crops": args.stored_crops, "codec": args.codec,
             "k": args.k if args.codec in ("ms", "mr") else 1, "stores": args.stores,
-            "temperature": None if args.stores == "logits" else args.temperature, "label_dim": label_dim}))
+            "temperature": None if args.stores == "logits" else args.temperature, "label_dim": label_dim,
+            **({"teacher_precision": precision} if precision != "float32" else {})}))
         # rank 0 decides for the job: every rank then opens the same store, or all stop in one sentence
         if on_every_rank(ctx, lambda: store_is_ready(args), (StoreError, OSError), StoreError, share_result=True):
             store = open_shared(ctx, args.labels)

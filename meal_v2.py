@@ -186,7 +186,7 @@ def batch_targets(crops, views, stored, labels, teachers, num_classes, args, ctx
     if args.cutmix > 0:
         crops, views, perm, lam = cutmix(crops, views, args.cutmix, rng)
     if teachers:  # online: every teacher on the (mixed) crop at its own size; D: their mean logits
-        logits_t = teacher_logits(teachers, views, ctx.autocast(args))
+        logits_t = teacher_logits(teachers, views, ctx.teacher_autocast(args)[0])
         return crops, ensemble_average(logits_t), torch.stack(logits_t).mean(dim=0)  # Eq. 1, official
     targets = stored if stored is not None else F.one_hot(labels, num_classes).float()
     if perm is None:
@@ -332,7 +332,7 @@ def evaluate_ensemble(teachers, root, classes, args, ctx):
     for batches in zip(*[eval_loader(s, batch, args.workers, ctx, persistent=False) for s in sets]):
         views = [images.to(ctx.device, non_blocking=True) for images, _ in batches]
         labels = batches[0][1].to(ctx.device, non_blocking=True)
-        probs = ensemble_average(teacher_logits(teachers, views, ctx.autocast(args)))  # Eq. 1
+        probs = ensemble_average(teacher_logits(teachers, views, ctx.teacher_autocast(args)[0]))  # Eq. 1
         correct, total = correct + (probs.argmax(1) == labels).sum(), total + len(labels)
     correct, total = ctx.all_reduce_sum([correct.item(), total])
     return 100.0 * correct / max(total, 1)
@@ -382,6 +382,7 @@ FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or
     ("--input-size", flags.positive_int, "training and eval crop size"),
     ("--crop-pct", flags.open_fraction, "eval center crop (0.875: 256 -> 224)"),
     ("--eval-only", "store_true", "evaluate the student's init and exit"),
+    ("--teacher-amp", "store_true", "teachers under --amp too (default fp32, as the official code)"),
 ]
 
 

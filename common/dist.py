@@ -51,6 +51,13 @@ class Context:
         return torch.autocast(self.device.type, dtype=getattr(torch, amp_dtype(args)),
                               enabled=amp_enabled(args, self.device))
 
+    def teacher_autocast(self, args):
+        """Teachers (FKD labels and online KD, MEAL V2) run in fp32 as the official code, unless
+        --teacher-amp puts them under --amp too; returns (autocast, the precision they run in)."""
+        on = bool(getattr(args, "teacher_amp", False)) and amp_enabled(args, self.device)
+        return (self.autocast(args) if on else torch.autocast(self.device.type, enabled=False),
+                amp_dtype(args) if on else "float32")
+
     def grad_scaler(self, args):
         """A GradScaler that scales only float16 AMP on CUDA (bfloat16 has fp32's range: no scaler)."""
         return torch.amp.GradScaler("cuda", enabled=scaler_enabled(args, self.device))

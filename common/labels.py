@@ -504,6 +504,11 @@ def open_for_generation(path, meta, overwrite=False):
     store = LabelStore.open(path)
     if not store.ready:  # killed (or a full disk) while allocating: nothing labelled yet
         return LabelStore.create(path, meta, replace=True)
+    made, wanted = store.meta.get("teacher_precision", "float32"), meta.get("teacher_precision", "float32")
+    if made != wanted:
+        raise StoreError(f"label store {path} was started with the teachers in {made}, this run has them in "
+                         f"{wanted} (--teacher-amp); run as it was started, pass --overwrite-labels, or "
+                         f"another --labels folder")
     if store.imported:
         raise StoreError(f"label store {path} holds imported labels; train from it (--mode fkd) or "
                          f"pass another --labels folder to generate labels")

@@ -309,3 +309,18 @@ class Exploit:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_teacher_precision_is_part_of_a_generation_and_fp32_by_default(tmp_path):
+    """The official labels come from fp32 teachers: --amp alone keeps them fp32; --teacher-amp runs
+    them in the AMP dtype, which the store records (fp32 stores keep the meta they always had)."""
+    from argparse import Namespace
+    from common.dist import Context
+    cuda = Context(device=torch.device("cuda", 0))
+    assert cuda.teacher_autocast(Namespace(amp=True, amp_dtype="bfloat16"))[1] == "float32"
+    assert cuda.teacher_autocast(Namespace(amp=True, amp_dtype="bfloat16", teacher_amp=True))[1] == "bfloat16"
+    assert Context().teacher_autocast(Namespace(amp=True, teacher_amp=True))[1] == "float32"  # CPU: no AMP
+    path = str(tmp_path / "s")
+    assert "teacher_precision" not in open_for_generation(path, META).meta
+    with pytest.raises(StoreError, match="started with the teachers in float32, this run has them in float16"):
+        open_for_generation(path, dict(META, teacher_precision="float16"))
