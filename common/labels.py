@@ -8,6 +8,7 @@ IDENTITY below, compared by every path that opens it) plus fixed-record .npy arr
 indices, values, sizes, done) opened with mmap and allow_pickle=False, so any DataLoader worker
 reads any crop in O(1). An imported store (common/released.py) carries meta["imported"].
 """
+import contextlib
 import errno
 import hashlib
 import json
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 
 from .crops import replay_crops
 from .data import item_and_tag, load_rgb
-from .dist import derive_seed
+from .dist import derive_seed, one_sentence
 from .models import DATA_CONFIG_KEYS, file_sha256, parse_spec
 
 CODECS = ("full", "hard", "smooth", "ms", "mr")
@@ -665,3 +666,61 @@ def open_shared(ctx, path, writable=False):
                          f"--labels must be a folder that every node sees (a shared filesystem)")
     return store
 
+
+@contextlib.contextmanager
+def failing_tells_the_others(path):
+    """An error on this rank leaves its sentence beside the store, where the other ranks' wait sees it."""
+    try:
+        yield
+    except Exception as error:
+        with open(failure_marker(path), "w") as f:
+            f.write(one_sentence(error))
+        raise
+
+
+def show_labels(store, train_set, path, temperature, num_images=6, crops_per_image=6, size=128):
+    """PNG, one row per image: the whole image with its crop boxes and its class, then each stored
+    crop (replayed, framed in its box's colour) with its number and top-3 stored classes."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default()
+    line = font.getbbox("Ag")[3] + 3
+    caption = 4 * line + 4
+    colours = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#999999")
+    images = np.random.default_rng(0).choice(len(train_set), size=min(num_images, len(train_set)), replace=False)
+    crops_per_image = min(crops_per_image, store.meta["num_crops"])
+    width = store.meta.get("label_dim") or store.meta["num_classes"]
+    names = train_set.classes if width == len(train_set.classes) else [f"dim {i}" for i in range(width)]
+    cell = size + 8
+    canvas = Image.new("RGB", ((crops_per_image + 1) * cell, len(images) * (cell + caption)), "white")
+    draw = ImageDraw.Draw(canvas)
+
+    def fit(text):  # shorten a caption until it fits under its cell
+        while len(text) > 2 and draw.textlength(text, font=font) > size:
+            text = text[:-2] + "."
+        return text
+    for row, n in enumerate(images):
+        image_path, target = train_set.samples[n]
+        image, y = load_rgb(image_path), row * (cell + caption)
+        boxes, flips, indices, values = store.read(int(n), np.arange(crops_per_image))
+        crops = replay_crops(image, boxes, flips, size)
+        probs = decode(None if indices is None else torch.from_numpy(indices),
+                       None if values is None else torch.from_numpy(values), store.meta["codec"], width,
+                       temperature if store.meta["stores"] == "logits" else None)
+        scale = size / max(image.size)
+        thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+        canvas.paste(thumb, (4, y + 4))
+        for col, (top, left, h, w) in enumerate(boxes.tolist()):
+            draw.rectangle([4 + left * scale, y + 4 + top * scale, 4 + (left + w) * scale - 1,
+                            y + 4 + (top + h) * scale - 1], outline=colours[col % len(colours)], width=2)
+        text = [fit(f"image {n}"), fit(f"class {train_set.classes[target]}"), fit(f"{len(boxes)} crops shown")]
+        draw.multiline_text((4, y + cell), "\n".join(text), fill="black", font=font, spacing=3)
+        for col in range(crops_per_image):
+            x = (col + 1) * cell
+            draw.rectangle([x + 1, y + 1, x + cell - 2, y + cell - 2], outline=colours[col % len(colours)], width=3)
+            canvas.paste(Image.fromarray(crops[col].permute(1, 2, 0).numpy()), (x + 4, y + 4))
+            top = probs[col].topk(min(3, probs.shape[1]))
+            text = [f"crop {col}" + (" (flipped)" if flips[col] else "")] + \
+                [fit(f"{p:.2f} {names[c]}") for p, c in zip(top.values.tolist(), top.indices.tolist())]
+            draw.multiline_text((x + 4, y + cell), "\n".join(text), fill="black", font=font, spacing=3)
+    canvas.save(path)
+    return path
