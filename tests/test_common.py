@@ -490,3 +490,83 @@ def test_the_minimum_torch_is_stated_once_and_checked():
     assert "needs torch >= 2.5, found 2.4.1" in common.torch_too_old("2.4.1+cpu")
     with open(os.path.join(os.path.dirname(common.__file__), "..", "requirements.txt")) as f:
         assert "torch>=2.5\n" in f.read()  # the same minimum as the check
+
+
+# ---------------------------------------------------------------------------------------------
+# tests/gpu/smoke.sh without a GPU: its commands (SMOKE_DRY=1) parse with each method file's own
+# parser and cover every method and precision; KD_DDP=1 starts a process group of one on CPU
+# ---------------------------------------------------------------------------------------------
+def smoke_helper():
+    import importlib.util
+    from conftest import ROOT
+    path = os.path.join(ROOT, "tests", "gpu", "smoke_table.py")
+    spec = importlib.util.spec_from_file_location("smoke_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_smoke_dry_run_commands_parse_and_cover_every_method_and_precision(tmp_path):
+    import importlib
+    import shlex
+    import subprocess
+    from conftest import ROOT
+    smoke = os.path.join(ROOT, "tests", "gpu", "smoke.sh")
+    assert subprocess.run(["bash", "-n", smoke]).returncode == 0
+    done = subprocess.run(["bash", smoke, str(tmp_path / "out")], env=dict(os.environ, SMOKE_DRY="1"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not os.path.exists(tmp_path / "out")  # a dry run writes nothing
+    commands = [shlex.split(line[len("cmd: "):]) for line in done.stdout.splitlines()
+                if line.startswith("cmd: ")]
+    joined = [" ".join(argv) for argv in commands]
+    assert any("tests/gpu/dist_check.py --device cuda" in c and "--nproc_per_node=1" in c for c in joined)
+    for benchmark in ("train_steps.py", "fkd_pipeline.py"):
+        assert any(f"tests/benchmarks/{benchmark} --device cuda" in c for c in joined), benchmark
+    modules = {f"{name}.py": importlib.import_module(name) for name in ("fkd", "bake", "meal_v2", "frskd")}
+    covered = {}
+    for argv in commands:
+        files = [arg for arg in argv if arg in modules]
+        if not files:
+            continue
+        file, flags = files[0], argv[argv.index(files[0]) + 1:]
+        try:
+            parsed = modules[file].parse_args(flags)
+        except SystemExit as error:  # argparse has printed which flag it refused
+            raise AssertionError(f"{file}'s parser refuses the smoke's command {shlex.join(argv)} ({error})")
+        args = parsed[0] if isinstance(parsed, tuple) else parsed  # fkd.py: (args, flags given)
+        assert "KD_DDP=1" in argv and "torch.distributed.run" in argv, f"no process group: {shlex.join(argv)}"
+        route = file[:-3] + (" --labels" if file == "meal_v2.py" and args.labels else "") \
+            + (" --task segmentation" if file == "frskd.py" and args.task == "segmentation" else "") \
+            + (f" --mode {args.mode}" if file == "fkd.py" and args.mode != "fkd" else "")
+        assert args.data == "demo" and (args.epochs <= 3 or route == "fkd --mode label"), shlex.join(argv)
+        if route == "fkd":  # multi-crop passes: pass_plan gives a pass of num_crops > 1
+            plan = modules[file].pass_plan(args.epochs, args.num_crops, args.warmup_epochs)
+            assert any(m > 1 for _, m, _ in plan), f"{shlex.join(argv)}: passes {plan}"
+        if route == "meal_v2 --labels":
+            plan = modules[file].pass_plan(args.epochs, args.num_crops, args.lr_drop_epoch)
+            assert any(m > 1 for _, m in plan), f"{shlex.join(argv)}: passes {plan}"
+        variants = {"fp16": args.amp and args.amp_dtype == "float16", "compile": args.compile,
+                    "bf16": args.amp and args.amp_dtype == "bfloat16"}
+        covered.setdefault(route, set()).update(name for name, used in variants.items() if used)
+    routes = ["fkd", "bake", "meal_v2", "meal_v2 --labels", "frskd", "frskd --task segmentation"]
+    for route in routes:
+        assert {"fp16", "bf16", "compile"} <= covered.get(route, set()), (route, covered)
+    assert covered.get("fkd --mode label") is not None  # Fast MEAL V2's store, made by fkd.py
+
+
+def test_kd_ddp_starts_a_process_group_of_one(tiny_data, tiny_teacher, tmp_path):
+    """KD_DDP=1 under torchrun with one process: common.dist.setup() starts a process group (gloo on
+    CPU), fkd.py labels and trains its student wrapped in DDP: the smoke's path on one GPU."""
+    from conftest import run_script, torchrun
+    out = tmp_path / "out"
+    flags = ["--recipe", "resnet50-plain", "--arch", "test_efficientnet", "--input-size", "32",
+             "--batch-size", "8", "--num-crops", "2", "--stored-crops", "4", "--k", "2", "--epochs", "3",
+             "--workers", "0", "--label-batch", "4", "--device", "cpu"]
+    command = torchrun(1) + ["fkd.py", "--data", tiny_data, "--teacher", tiny_teacher, "--out", str(out),
+                             "--labels", str(tmp_path / "labels"), *flags]
+    result = run_script(command, timeout=300,
+                        env={"KD_DDP": "1", "TORCH_DISTRIBUTED_DEBUG": "INFO", "TORCH_CPP_LOG_LEVEL": "INFO"})
+    assert "FKD summary" in result.stdout
+    (tmp_path / "run.log").write_text(result.stdout + result.stderr)
+    smoke_helper().verify(str(out), 3, str(tmp_path / "run.log"), world=1, backend="gloo", sync_bn=False)

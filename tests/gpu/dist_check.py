@@ -3,8 +3,8 @@
     torchrun --nproc_per_node=1 tests/gpu/dist_check.py            # one GPU: NCCL group of one
     torchrun --nproc_per_node=2 tests/gpu/dist_check.py --device cpu   # CPU: gloo (run by the tests)
 
-common.dist.setup() starts a process group only for WORLD_SIZE > 1, and NCCL refuses two ranks
-on one GPU, so on a one-GPU machine this script starts the group itself (NCCL bound to the GPU
+common.dist.setup() starts a process group for WORLD_SIZE > 1 (or KD_DDP=1 under torchrun), and
+NCCL refuses two ranks on one GPU, so on a one-GPU machine this script starts the group itself (NCCL bound to the GPU
 with device_id, as setup() does) and checks, printing one line per check:
   collectives   all_reduce_sum / broadcast_object / barrier on the communication device
   evaluate      top-1 of a model with a known answer, sharded over the ranks, with a rank whose
