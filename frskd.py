@@ -3,13 +3,9 @@ semantic segmentation).
 
 Paper: Mingi Ji, Seungjae Shin, Seunghyun Hwang, Gibeom Park, Il-Chul Moon, "Refine Myself by
 Teaching Myself: Feature Refinement via Self-Knowledge Distillation", CVPR 2021 (arXiv 2103.08273);
-shared/papers/frskd.txt. Official code: github.com/MingiJi/FRSKD (classification/); where it
-differs from the paper, this file follows the code the paper's numbers came from.
-
-A small self-teacher (BiFPNc) reads the classifier's stage features F_i, refines them through a
-top-down and a bottom-up path into T_i, and predicts the class itself. The classifier then learns
-from the refined maps (attention transfer) and from the self-teacher's soft label; both networks
-train together from scratch with one optimizer.
+shared/papers/frskd.txt. Official code: github.com/MingiJi/FRSKD; where it differs from the paper,
+this file follows the code the paper's numbers came from. A self-teacher (BiFPNc) refines the
+classifier's stage features F_i into T_i; both networks train together from scratch, one optimizer.
 
 Equation map:
   Eq. 1   L_i = Conv(F_i; d_i), d_i = w c_i                  -> BiFPNLayer (lateral)
@@ -19,79 +15,60 @@ Equation map:
   Eq. 3   L_F = sum_i || phi(T_i) - phi(F_i) ||              -> attention_loss()
   Eq. 4   L_KD = KL(softmax(c / K) || softmax(t / K))         -> frskd_loss() (official: K^2 KL(t || c))
   Eq. 5   L = CE(c) + CE(t) + alpha L_KD + beta L_F           -> frskd_loss()
-Segmentation (--task segmentation, Sec. 4.2; the official segmentation/ code): the classifier is an
-EfficientDet (EfficientNet + FPN + 3 BiFPN layers), the self-teacher 2 more BiFPN layers on its
-outputs (width factor 1)                                     -> FRSKDSegNet, SegBiFPNLayer
-  Eq. 3 over the six levels of the two BiFPN stacks          -> frskd_seg_loss() (attention_loss)
-  Eq. 4 per pixel: T^2 sum KL(t || c) / (B H W), T = 1       -> pixel_kd_loss()
-  Eq. 5 with CE over labelled pixels (255 ignored); alpha, beta 0 for 40 epochs, then ramped up
-                                                             -> frskd_seg_loss(), distillation_ramp()
+Segmentation (--task segmentation, Sec. 4.2): the last section, with its own equation map and commands.
 
-Commands:
+Commands (--batch-size is global, all processes together; --beta 0 gives FRSKD\\F):
   CPU demo   python frskd.py --data demo                       (FRSKD, then the plain-CE baseline)
-  CIFAR-100  python frskd.py --data /cifar100 --recipe cifar   (ImageFolder of 32x32 images; CIFAR ResNet-18)
-             python frskd.py --data /cifar100 --recipe cifar --arch wrn16_2
-  Tiny-IN    python frskd.py --data /tiny-imagenet-200 --recipe tinyimagenet
-  FGVR       python frskd.py --data /cub200 --recipe fgvr          (ResNet-18 at 224, batch 32)
+  recipes    python frskd.py --data /cifar100 --recipe cifar   (or tinyimagenet, fgvr; --arch wrn16_2)
   1 GPU      python frskd.py --data /imagenet --amp            (ResNet-18, batch 256)
   8 GPUs     torchrun --nproc_per_node=8 frskd.py --data /imagenet --amp
   2 nodes    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
                  frskd.py --data /imagenet --amp
-  Segmentation: --data a VOCdevkit (VOC2007 + VOC2012 trainval / VOC2007 test) or DIR/{train,val}/{images,masks}
-  CPU demo   python frskd.py --task segmentation --data demo   (FRSKD, then the baseline)
-  1 GPU      python frskd.py --task segmentation --data /VOCdevkit --amp    (16 images x 2 accumulated)
-  8 GPUs     torchrun --nproc_per_node=8 frskd.py --task segmentation --data /VOCdevkit --amp --accum-steps 1
-  2 nodes    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-                 frskd.py --task segmentation --data /VOCdevkit --amp --accum-steps 1
-  (--batch-size 32 is the global batch of one SGD step: 1 GPU x 16 x 2 steps is the official
-  setting; 8 GPUs see 4 images each, 16 GPUs 2, which changes the BatchNorm batch)
---batch-size is global (all processes together). --beta 0 gives FRSKD\\F (no feature distillation).
 """
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import math
 import os
-import re
 import time
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
 from common import ckpt, demo, flags
 from common.data import (DataError, SeededItems, TaggedSampler, eval_loader, eval_transform, evaluate,
                          image_folder, loader, mix_batch, train_transform)
-from common.dist import cleanup, epoch_generator, maybe_compile, seed_rank_epoch, seeded, setup
+from common.dist import epoch_generator, maybe_compile, run_main, seed_rank_epoch, seeded
 from common.models import (ModelError, create, describe_data_config, init_spec, make_optimizer, normalize,
                            param_groups)
 from common.seg import (IGNORE_INDEX, RandomScaleCropFlip, ResizePair, SegmentationSet, check_pairs,
                         evaluate_segmentation, find_pairs)
 
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+TERMS = ("loss", "ce", "ce_self_teacher", "kd", "feature")  # logged as train_*: Eq. 5 and its terms
 
-# ----------------------------------------------------------------------------------------------
-# The self-teacher: BiFPNc (Sec. 3.1)
-# ----------------------------------------------------------------------------------------------
+
+# --- The self-teacher: BiFPNc (Sec. 3.1) ---------------------------------------------------------
 def conv_bn_relu(cin, cout):
     """1x1 conv -> BN -> ReLU: the lateral convs (Eq. 1) and BiFPNc's resampling convs."""
     return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-def separable_conv(channels):
+def separable_conv(c):
     """A node's Conv of Eq. 2: 2 x (depthwise 3x3 -> pointwise 1x1 -> BN), ReLU between (official)."""
-    def separable():
-        return [nn.Conv2d(channels, channels, 3, 1, 1, groups=channels, bias=False),
-                nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels)]
-    return nn.Sequential(*separable(), nn.ReLU(inplace=True), *separable())
+    parts = [[nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False), nn.Conv2d(c, c, 1, bias=False),
+              nn.BatchNorm2d(c)] for _ in range(2)]
+    return nn.Sequential(*parts[0], nn.ReLU(inplace=True), *parts[1])
 
 
 def max_pool_same(x, kernel=3, stride=2):
-    """Max-pool with TF-style "same" padding (EfficientDet, official): output ceil(n / stride); the
-    padding this needs goes mostly to the bottom/right (3x3/2 on an even side: 0 top/left, 1 bottom/right)."""
+    """Max-pool with TF-style "same" padding (EfficientDet, official): output ceil(n / stride), the
+    padding mostly bottom/right (3x3/2 on an even side: 0 top/left, 1 bottom/right)."""
     pads = []
     for size in (x.shape[-1], x.shape[-2]):  # F.pad order: left, right, then top, bottom
         total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
@@ -101,7 +78,6 @@ def max_pool_same(x, kernel=3, stride=2):
 
 class FastFusion(nn.Module):
     """Fast normalized fusion (BiFPN): sum_k relu(w_k) x_k / (sum_k relu(w_k) + 1e-6)."""
-
     def __init__(self, inputs):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(inputs))
@@ -111,32 +87,22 @@ class FastFusion(nn.Module):
         return w / (w.sum() + 1e-6)
 
     def forward(self, xs):
-        w = self.normalized_weights()
-        return sum(w[k] * x for k, x in enumerate(xs))
+        return sum(w * x for w, x in zip(self.normalized_weights(), xs))
 
 
 class BiFPNLayer(nn.Module):
     """One top-down + bottom-up pass (Eq. 1-2) over n levels, level 0 the shallowest (largest).
-
-    in_channels: channels of the maps coming in; widths: d_i of this layer's nodes.
-    first: the first layer of a stack maps its inputs to d_i with lateral convs L_i (Eq. 1); a
-        later layer takes the previous layer's refined maps as L_i unchanged (official intent;
-        the official `repeat > 1` path crashes), so then in_channels must equal widths.
-    resample_convs: BiFPNc (True) follows each resampling with a 1x1 conv+BN+ReLU to the next
-        level's width; the equal-width BiFPN of Table 6 (False) resamples only (nearest x2 up,
-        max-pool down), which needs equal widths.
-    The bottom-up path has its own laterals L'_i (levels 1..n-1) in every layer. Every node output
-    is passed through a ReLU wherever it is used, and the returned refined maps T_i are ReLU'd.
-    """
-
+    first: laterals L_i map the inputs to the widths d_i (Eq. 1); a later layer takes the previous T_i as
+    L_i (official intent; the official `repeat > 1` path crashes). resample_convs: BiFPNc follows each
+    resampling with a 1x1 conv+BN+ReLU to the next level's width; Table 6's equal-width BiFPN only
+    resamples. Each layer has its own bottom-up laterals L'_i; node outputs are ReLU'd where used."""
     def __init__(self, in_channels, widths, first=True, resample_convs=True):
         super().__init__()
         n = len(widths)
         if len(in_channels) != n or n < 2:
             raise ValueError(f"need as many (>= 2) input levels as widths, got {in_channels}, {widths}")
-        if not first and list(in_channels) != list(widths):
-            raise ValueError(f"a later layer (first=False) keeps its inputs as L_i: in_channels {in_channels} "
-                             f"must equal widths {widths}")
+        if not first and list(in_channels) != list(widths):  # a later layer keeps its inputs as L_i
+            raise ValueError(f"first=False needs in_channels == widths, got {in_channels}, {widths}")
         if not resample_convs and len(set(widths)) != 1:
             raise ValueError(f"resample_convs=False (equal-width BiFPN) needs equal widths, got {widths}")
         pairs = list(zip(in_channels, widths))
@@ -174,13 +140,8 @@ class BiFPNLayer(nn.Module):
 
 
 class BiFPNc(nn.Module):
-    """Self-teacher: `repeat` BiFPN layers on the classifier's stage features, then global average
-    pooling of the deepest refined map and a linear classifier. Returns (refined maps, logits).
-
-    in_channels: the classifier's stage channels c_i. BiFPNc: widths d_i = round(width x c_i).
-    channels: the equal-width BiFPN of Table 6 instead (every d_i = channels, no resample convs).
-    """
-
+    """Self-teacher: `repeat` BiFPN layers of widths d_i = round(width x c_i) (`channels`: Table 6's
+    equal width) on the stage features F_i, then avg-pool + linear on the last -> (T_i, logits)."""
     def __init__(self, in_channels, num_classes, width=2.0, repeat=1, channels=None):
         super().__init__()
         widths = [channels] * len(in_channels) if channels else [int(round(width * c)) for c in in_channels]
@@ -198,9 +159,7 @@ class BiFPNc(nn.Module):
         return features, self.fc(features[-1].mean(dim=(2, 3)))
 
 
-# ----------------------------------------------------------------------------------------------
-# The losses (Sec. 3.2)
-# ----------------------------------------------------------------------------------------------
+# --- The losses (Sec. 3.2) ------------------------------------------------------------------------
 def attention_map(feature):
     """phi(f): channel mean of f^2, flattened, L2-normalized (attention transfer)."""
     return F.normalize(feature.float().pow(2).mean(dim=1).flatten(1), dim=1)
@@ -219,11 +178,8 @@ def soft_cross_entropy(logits, targets):
 
 
 def frskd_loss(logits, self_teacher_logits, features, refined, targets, alpha, beta, temperature):
-    """Eq. 5: CE(c) + CE(t) + alpha L_KD + beta L_F, with the self-teacher's outputs detached in
-    both distillation terms (they train the classifier only).
-
-    `targets` are class probabilities [B, C] (one-hot, or mixed by mixup/cutmix). Returns the total
-    and its four terms (ce_classifier, ce_self_teacher, kd, feature)."""
+    """Eq. 5, the self-teacher's outputs detached in both distillation terms (they train the classifier
+    only); targets: probabilities [B, C]. -> (total, (ce_classifier, ce_self_teacher, kd, feature))"""
     ce_classifier = soft_cross_entropy(logits, targets)
     ce_self_teacher = soft_cross_entropy(self_teacher_logits, targets)
     # Eq. 4 as official: K^2 KL(softmax(t/K) || softmax(c/K)), batch mean; the paper writes
@@ -236,13 +192,9 @@ def frskd_loss(logits, self_teacher_logits, features, refined, targets, alpha, b
     return total, (ce_classifier, ce_self_teacher, kd, feature)
 
 
-# ----------------------------------------------------------------------------------------------
-# Classifiers (not part of the method): stage features F_1..F_n and logits from one forward
-# ----------------------------------------------------------------------------------------------
+# --- Classifiers (not part of the method): stage features F_1..F_n and logits from one forward ----
 class WideBlock(nn.Module):
-    """Official FRSKD WRN block: relu(x) -> conv3x3 -> BN -> ReLU -> conv3x3, plus the shortcut
-    (x itself, or a 1x1 conv of relu(x) when the width changes); no BN before the first ReLU."""
-
+    """Official WRN block: relu(x) -> conv3x3 -> BN -> ReLU -> conv3x3, plus x or conv1x1(relu(x))."""
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -257,31 +209,21 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-k for 32x32 inputs as in the official FRSKD code (the classifier of Tables 1 and 6).
-
-    Not the standard pre-activation WRN: blocks have no BN before their first ReLU, each group of
-    blocks is followed by a BN whose output feeds the next group, the stage features are
-    relu(BN(group output)), and convs are He-normal (fan-out) initialised. WRN-16-2: stages of 32,
-    64, 128 channels, 702,804 parameters at 100 classes (the official module also holds a final BN
-    it never calls, 256 more: 703,060).
-    """
-
+    """WRN-depth-k for 32x32 inputs as in the official FRSKD code (Tables 1, 6), not the pre-activation
+    WRN: a BN after each group feeds the next, stage features relu(BN(group)), He-normal fan-out convs.
+    WRN-16-2: 702,804 parameters at 100 classes (the official final BN, never called, is left out)."""
     def __init__(self, num_classes, depth=16, widen=2):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ModelError(f"WRN depth must be 6 n + 4 (10, 16, 22, 28, ...), got {depth}")
-        blocks = (depth - 4) // 6
-        widths = [16 * widen, 32 * widen, 64 * widen]
+        blocks, widths = (depth - 4) // 6, [16 * widen, 32 * widen, 64 * widen]
         self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        cin, groups = 16, []
-        for i, width in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            groups.append(nn.Sequential(*[WideBlock(cin if b == 0 else width, width, stride if b == 0 else 1)
-                                          for b in range(blocks)]))
-            cin = width
-        self.groups = nn.ModuleList(groups)
+        self.groups = nn.ModuleList(  # a group's first block changes the width (groups 2, 3: the size)
+            nn.Sequential(*[WideBlock(cin if b == 0 else width, width, 2 if b == 0 and i > 0 else 1)
+                            for b in range(blocks)])
+            for i, (cin, width) in enumerate(zip([16] + widths, widths)))
         self.group_bns = nn.ModuleList(nn.BatchNorm2d(width) for width in widths)
-        self.fc = nn.Linear(cin, num_classes)
+        self.fc = nn.Linear(widths[-1], num_classes)
         self.stage_channels = widths
         for module in self.modules():
             if isinstance(module, nn.Conv2d):  # He normal, fan-out (official)
@@ -312,7 +254,6 @@ def cifar_stem(model):
 
 class TimmStages(nn.Module):
     """A timm CNN whose stage features (all but the stem) come from forward_intermediates."""
-
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -324,37 +265,27 @@ class TimmStages(nn.Module):
         # the official classifiers return relu(stage output); a no-op for ResNets, whose stages end in a ReLU
         return [F.relu(f) for f in features], self.model.forward_head(final)
 
-    def forward(self, x):
-        return self.model(x)
-
 
 def make_classifier(arch, num_classes):
-    """wrnDEPTH_K (official WRN), cifar_NAME (a timm ResNet with the CIFAR stem), or a timm CNN.
-
-    Initialised as the official classifiers: timm ResNets without zero-initialised last BN gammas
-    (official ImageNet ResNets: He fan-out convs, gammas 1), CIFAR ResNets with PyTorch's default
-    init (the official CIFAR ResNet has no init code)."""
-    wrn = re.fullmatch(r"wrn(\d+)_(\d+)", arch)
-    if wrn:
-        return WideResNet(num_classes, int(wrn.group(1)), int(wrn.group(2)))
-    cifar = arch.startswith("cifar_")
-    name = arch[len("cifar_"):] if cifar else arch
+    """wrnDEPTH_K (official WRN), cifar_NAME (a timm ResNet, CIFAR stem) or a timm CNN, initialised as
+    the official ones: timm ResNets without zero-initialised last BN gammas (official ImageNet ResNets:
+    He fan-out convs, gammas 1), CIFAR ResNets PyTorch's default (the official has no init code)."""
+    depth, _, widen = arch.removeprefix("wrn").partition("_")
+    if arch.startswith("wrn") and depth.isdigit() and widen.isdigit():
+        return WideResNet(num_classes, int(depth), int(widen))
+    cifar, name = arch.startswith("cifar_"), arch.removeprefix("cifar_")
     resnet = timm.models.is_model_in_modules(name.split(".")[0], ["resnet"])
     model = create(name, num_classes, pretrained_head="none", adapt=cifar_stem if cifar else None,
                    **({"zero_init_last": False} if resnet else {}))[0]
-    if cifar:
-        for module in model.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
-                module.reset_parameters()
+    for module in model.modules() if cifar else ():
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            module.reset_parameters()
     return TimmStages(model)
 
 
 class FRSKDNet(nn.Module):
-    """Classifier + self-teacher in one module, so DDP sees the whole forward.
-
-    Returns (features F_i, classifier logits, refined maps T_i, self-teacher logits); the last two
-    are None without a self-teacher (the plain-CE baseline)."""
-
+    """Classifier + self-teacher in one module, so DDP sees the whole forward -> (features F_i, logits,
+    refined maps T_i, self-teacher logits); the last two None for the baseline."""
     def __init__(self, classifier, self_teacher):
         super().__init__()
         self.classifier, self.self_teacher = classifier, self_teacher
@@ -364,36 +295,18 @@ class FRSKDNet(nn.Module):
         if self.self_teacher is None:
             return features, logits, None, None
         # classifier features enter the self-teacher undetached: its CE also trains the backbone (official)
-        refined, self_teacher_logits = self.self_teacher(features)
-        return features, logits, refined, self_teacher_logits
+        return features, logits, *self.self_teacher(features)
 
 
-class BothLogits(nn.Module):
-    """(classifier logits, self-teacher logits) of one forward, for evaluation."""
-
+class EvalHeads(nn.Module):
+    """Evaluation (both tasks): the classifier's logits, and the self-teacher's from the same forward."""
     def __init__(self, net):
         super().__init__()
         self.net = net
 
     def forward(self, x):
         _, logits, _, self_teacher_logits = self.net(x)
-        return logits, self_teacher_logits
-
-
-# ----------------------------------------------------------------------------------------------
-# Training step, loop and evaluation
-# ----------------------------------------------------------------------------------------------
-def training_step(net, images, targets, args, autocast):
-    """Forward and Eq. 5 (or plain CE for the baseline). Returns (loss, its 4 terms stacked, logits)."""
-    with autocast:
-        features, logits, refined, self_teacher_logits = net(images)
-    logits = logits.float()
-    if self_teacher_logits is None:  # baseline: the classifier's CE alone
-        loss = soft_cross_entropy(logits, targets)
-        return loss, torch.stack([loss.detach(), *[torch.zeros_like(loss)] * 3]), logits
-    loss, terms = frskd_loss(logits, self_teacher_logits.float(), features, refined, targets,
-                             args.alpha, args.beta, args.temperature)
-    return loss, torch.stack([t.detach() for t in terms]), logits
+        return logits if self_teacher_logits is None else (logits, self_teacher_logits)
 
 
 def build_net(args, num_classes):
@@ -412,95 +325,152 @@ def make_optimizer_for(net, args):
     return make_optimizer("sgd", groups, args.lr, args.momentum)
 
 
-def train(args, ctx, train_set, val_sets, cfg, out):
-    num_classes = len(train_set.classes)
-    net = build_net(args, num_classes).to(ctx.device)
-    if ctx.device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+# --- The training step and loop (both tasks) ------------------------------------------------------
+def training_step(net, optimizer, scaler, images, targets, args, alpha, beta, autocast, losses, update):
+    """Forward, the task's losses (CE, Eq. 5), backward and, if `update` (the micro-batch that completes
+    an accumulation group), the SGD step. Returns (loss, its 4 terms stacked, logits), detached."""
+    cross_entropy, eq5 = losses
+    # DDP: all-reduce gradients only on the micro-batch that completes an accumulation group
+    with contextlib.nullcontext() if update or not hasattr(net, "no_sync") else net.no_sync():
+        with autocast:
+            features, logits, refined, self_teacher_logits = net(images)
+        logits = logits.float()
+        if self_teacher_logits is None:  # baseline: the classifier's CE alone
+            loss = cross_entropy(logits, targets)
+            terms = [loss, *[torch.zeros_like(loss)] * 3]
+        else:
+            loss, terms = eq5(logits, self_teacher_logits.float(), features, refined, targets, alpha,
+                              beta, args.temperature)
+        scaler.scale(loss / (args.accum_steps or 1)).backward()  # segmentation (official): 16 x 2
+    if update:
+        if args.clip_value:  # official segmentation: gradient value clipping 2.0
+            scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            nn.utils.clip_grad_value_(params, args.clip_value)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), torch.stack([t.detach() for t in terms]), logits.detach()
+
+
+def train(args, ctx, net, train_set, val_sets, num_classes, out, losses, ramp=None, **meta):
+    """The training loop of both tasks (ramp(epoch): segmentation's factor on alpha and beta).
+    Returns (the last epoch's metrics, the best score, seconds)."""
+    seg, cuda = args.task == "segmentation", ctx.device.type == "cuda"
+    accum, score = args.accum_steps or 1, "val_miou" if seg else "val_top1"
+    net = net.to(ctx.device, memory_format=torch.channels_last if cuda else torch.preserve_format)
     optimizer = make_optimizer_for(net, args)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, 0.1)
     scaler = ctx.grad_scaler(args)
-    checkpoint = ckpt.Checkpointer(out, ctx, args.resume, args.overwrite, args=args, model=net, optimizer=optimizer,
-                                   scheduler=scheduler, scaler=scaler)
+    checkpoint = ckpt.Checkpointer(out, ctx, args.resume, args.overwrite, args=args, model=net,
+                                   optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     start_epoch, best = checkpoint.restore()
-    model = net  # the bare FRSKDNet, evaluated without the wrappers
+    model = net  # the bare network, evaluated without the wrappers
     if ctx.distributed:
-        net = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    net = maybe_compile(net, args)
-    autocast = ctx.autocast(args)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[ctx.device.index] if cuda else None)
+    net, autocast = maybe_compile(net, args), ctx.autocast(args)
     # each rank's crops depend on (seed, rank, epoch, image) alone: resume- and worker-count-proof
     sampler = TaggedSampler(torch.utils.data.DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True,
                                                                 seed=args.seed, drop_last=True))
-    data = loader(SeededItems(train_set, args.seed, ctx.rank), args.batch_size // ctx.world, args.workers,
-                  sampler, ctx.device, drop_last=True)
+    batch = args.batch_size // (ctx.world * accum)
+    data = loader(SeededItems(train_set, args.seed, ctx.rank), batch, args.workers, sampler, ctx.device,
+                  drop_last=True)
+    steps = len(data) // accum * accum  # whole groups (official: a leftover's gradient goes on)
+    if steps == 0:
+        raise DataError(f"each process gets {len(data)} batches of {batch} images per epoch, fewer than "
+                        f"--accum-steps {accum}; lower --batch-size or --accum-steps")
     metrics, run_start = {}, time.time()
     for epoch in range(start_epoch, args.epochs):
         seed_rank_epoch(args.seed, ctx.rank, epoch)
         sampler.set_epoch(epoch, epoch)
         mix_generator = epoch_generator(args.seed, ctx.rank, epoch)
+        factor = 0.0 if args.baseline else ramp(epoch) if ramp else 1.0
+        alpha, beta = args.alpha * factor, args.beta * factor
         net.train()
-        lr = optimizer.param_groups[0]["lr"]
-        seen, epoch_start = 0, time.time()
-        sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)  # loss, 4 terms, correct (x images)
-        for images, labels in ctx.bar(data, desc=f"epoch {epoch + 1}/{args.epochs}"):
-            images = normalize(images.to(ctx.device, non_blocking=True), cfg["mean"], cfg["std"])
-            labels = labels.to(ctx.device, non_blocking=True)
-            targets = F.one_hot(labels, num_classes).float()
-            if args.mixup > 0 or args.cutmix > 0:
-                images, targets = mix_batch(images, targets, args.mixup, args.cutmix, mix_generator)
-            loss, terms, logits = training_step(net, images, targets, args, autocast)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            n = len(labels)  # sums stay on the device: no host sync per step
-            correct = (logits.detach().argmax(1) == labels).sum().view(1)
-            sums += torch.cat([torch.cat([loss.detach().view(1), terms]) * n, correct]).double()
-            seen += n
+        lr, epoch_start = optimizer.param_groups[0]["lr"], time.time()
+        sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)  # TERMS x images, correct
+        for index, (images, labels) in enumerate(ctx.bar(itertools.islice(data, steps), total=steps,
+                                                          desc=f"epoch {epoch + 1}/{args.epochs}")):
+            images = normalize(images.to(ctx.device, non_blocking=True), args.mean, args.std)
+            labels = targets = labels.to(ctx.device, non_blocking=True)  # segmentation: the masks
+            if not seg:  # class probabilities: one-hot, or mixed by mixup/cutmix
+                targets = F.one_hot(labels, num_classes).float()
+                if args.mixup > 0 or args.cutmix > 0:
+                    images, targets = mix_batch(images, targets, args.mixup, args.cutmix, mix_generator)
+            loss, terms, logits = training_step(net, optimizer, scaler, images, targets, args, alpha,
+                                                beta, autocast, losses, (index + 1) % accum == 0)
+            sums[:5] += (torch.cat([loss.view(1), terms]) * batch).double()  # on the device: no sync
+            if not seg:
+                sums[5] += (logits.argmax(1) == labels).sum()
         scheduler.step()
-        seen, loss_sum, ce_c, ce_t, kd, feat, correct = ctx.all_reduce_sum([seen] + sums.tolist())
-        ckpt.check_finite(loss_sum, epoch, out)
-        metrics = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_ce": ce_c / seen,
-                   "train_ce_self_teacher": ce_t / seen, "train_kd": kd / seen, "train_feature": feat / seen,
-                   "train_top1": 100 * correct / seen, "train_time": time.time() - epoch_start}
-        metrics.update(evaluate_both(model, val_sets, ctx, cfg, args))
-        best = max(best, metrics["val_top1"])
-        if checkpoint.end_epoch(metrics, best, args, arch=args.arch, num_classes=num_classes, data_config=cfg):
+        seen, *totals, correct = ctx.all_reduce_sum([steps * batch] + sums.tolist())
+        ckpt.check_finite(totals[0], epoch, out)
+        metrics = {"epoch": epoch + 1, "lr": lr, **({"alpha": alpha, "beta": beta} if seg else {}),
+                   **{f"train_{name}": total / seen for name, total in zip(TERMS, totals)},
+                   **({} if seg else {"train_top1": 100 * correct / seen}),
+                   "train_time": time.time() - epoch_start, **evaluate_sets(model, val_sets, ctx, args)}
+        best = max(best, metrics[score])
+        if checkpoint.end_epoch(metrics, best, args, score=score, arch=args.arch,
+                                num_classes=num_classes, **meta):
             break
     return metrics, best, time.time() - run_start
 
 
-def evaluate_both(model, val_sets, ctx, cfg, args):
-    """Top-1/top-5 of the classifier (and the self-teacher's top-1) on each evaluation set."""
+def evaluate_sets(model, val_sets, ctx, args):
+    """On each evaluation set: the classifier's top-1/top-5 (segmentation: mIoU, pixel accuracy) and
+    the self-teacher's top-1 (mIoU), from the same forward."""
+    seg, heads = args.task == "segmentation", 1 if model.self_teacher is None else 2
+    score, keys = ("miou", ("miou", "pixel_acc")) if seg else ("top1", ("top1", "top5", "count"))
     metrics = {}
-    for name, val_loader in val_sets.items():
-        if model.self_teacher is None:
-            result = evaluate(model.classifier, val_loader, ctx, cfg["mean"], cfg["std"], args, desc=name)
-        else:  # classifier and self-teacher scored in one pass
-            result, teacher_result = evaluate(BothLogits(model), val_loader, ctx, cfg["mean"], cfg["std"],
-                                              args, desc=name, heads=2)
-            metrics[f"{name}_self_teacher_top1"] = teacher_result["top1"]
-        metrics.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"],
-                        f"{name}_count": result["count"]})
+    for name, data in val_sets.items():
+        results = evaluate_segmentation(EvalHeads(model), data, ctx, args.mean, args.std,
+                                        args.num_classes, args, heads=heads, desc=name) if seg else \
+            evaluate(EvalHeads(model), data, ctx, args.mean, args.std, args, desc=name, heads=heads)
+        result, teacher = results if heads == 2 else (results, None)
+        if teacher is not None:
+            metrics[f"{name}_self_teacher_{score}"] = teacher[score]
+        metrics.update({f"{name}_{key}": result[key] for key in keys})
     return metrics
 
 
+# --- Classification data --------------------------------------------------------------------------
 def transforms_for(args):
     """(train, eval) transforms of the recipe: uint8 tensors, normalized later on the device."""
-    if args.augment == "pad_crop":  # CIFAR: pad-4 random crop + flip; other sizes resized to the input first
-        train = transforms.Compose([transforms.Resize(args.input_size),
-                                    transforms.RandomCrop(args.input_size, padding=4),
-                                    transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
-    else:
-        train = train_transform(args.input_size)
-    return train, eval_transform(args.input_size, args.crop_pct)
+    size = args.input_size  # CIFAR: pad-4 random crop + flip, other sizes resized to the input first
+    train_tf = transforms.Compose([transforms.Resize(size), transforms.RandomCrop(size, padding=4),
+                                   transforms.RandomHorizontalFlip(), transforms.PILToTensor()]) \
+        if args.augment == "pad_crop" else train_transform(size)
+    return train_tf, eval_transform(size, args.crop_pct)
 
 
-# ----------------------------------------------------------------------------------------------
-# Semantic segmentation (Sec. 4.2, Table 4; Implementation Details): the official segmentation code
-# (MingiJi/FRSKD segmentation/) - an EfficientDet whose three stacked BiFPN layers form the
-# classifier network and two more BiFPN layers (width factor 1) the self-teacher
-# ----------------------------------------------------------------------------------------------
+def prepare_classification(args, ctx):
+    """Read the data -> train_one(run_args, out), which returns train()'s result."""
+    root = demo.ensure_data(ctx) if args.data == "demo" else args.data
+    cfg = {"mean": list(args.mean), "std": list(args.std), "input_size": args.input_size,
+           "crop_pct": args.crop_pct, "interpolation": "bilinear"}
+    ctx.print(describe_data_config({"name": args.arch, "data_config": cfg, "data_config_source":
+                                    f"the {args.recipe_name} recipe and flags; training: {args.augment}"}))
+    train_tf, val_tf = transforms_for(args)
+    train_set = image_folder(root, "train", train_tf)
+    folders = [("val", root, "val")] + [(f"extra{i}", path, "") for i, path in enumerate(args.val_data)]
+    val_sets = {name: eval_loader(image_folder(folder, split, val_tf, train_set.classes),
+                                  args.batch_size, args.workers, ctx) for name, folder, split in folders}
+    classes = len(train_set.classes)
+    return lambda run_args, out: train(run_args, ctx, build_net(run_args, classes), train_set, val_sets,
+                                       classes, out, (soft_cross_entropy, frskd_loss), data_config=cfg)
+
+
+# --- Segmentation (paper Sec. 4.2, Table 4; Appendix, Implementation Details) ---------------------
+# The official segmentation/ code: the classifier network is an EfficientDet (EfficientNet + FPN +
+# 3 BiFPN layers), the self-teacher 2 more BiFPN layers on its outputs (width factor 1)
+#                                                                -> FRSKDSegNet, SegBiFPNLayer
+#   Eq. 3 over the six levels of the two BiFPN stacks            -> frskd_seg_loss() (attention_loss)
+#   Eq. 4 per pixel: T^2 sum KL(t || c) / (B H W), T = 1         -> pixel_kd_loss()
+#   Eq. 5 with CE over labelled pixels (255 ignored); alpha, beta 0 for 40 epochs, then ramped up
+#                                                                -> frskd_seg_loss(), distillation_ramp()
+# Commands: those of the docstring with --task segmentation and --data demo, or a VOCdevkit (VOC2007 +
+# VOC2012 trainval / VOC2007 test) or DIR/{train,val}/{images,masks}. --batch-size 32 is one SGD step:
+# 1 GPU accumulates 2 x 16 (official); add --accum-steps 1 on 8 GPUs (4 images each: another BN batch).
 def conv_bn_relu_det(cin, cout, kernel, stride=1):
     """The official EfficientDet Conv: conv (with bias) -> BN(eps 1e-4, momentum 0.997) -> ReLU.
     momentum 0.997 is TF's decay passed as PyTorch's momentum (official): running stats ~ the last batch."""
@@ -509,13 +479,9 @@ def conv_bn_relu_det(cin, cout, kernel, stride=1):
 
 
 class EfficientNetTaps(nn.Module):
-    """A timm EfficientNet (stem + MBConv blocks) returning the official segmentation features: the
-    output of the first block at strides 4, 8 and 16 and of the last block (stride 32).
-
-    As the official `layer0 = (conv_stem, bn0)`, the stem has no activation after its BN, and the
-    backbone's BN momentum is efficientnet_pytorch's 0.01. The head (conv_head, classifier) is dropped.
-    """
-
+    """A timm EfficientNet's stem and blocks returning the official segmentation features: the first
+    block's output at strides 4, 8 and 16 and the last block's. As the official `layer0 = (conv_stem,
+    bn0)`: no activation after the stem's BN; BN momentum efficientnet_pytorch's 0.01."""
     def __init__(self, model, bn_momentum=0.01):
         super().__init__()
         self.conv_stem, self.bn1 = model.conv_stem, model.bn1
@@ -534,14 +500,12 @@ class EfficientNetTaps(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = bn_momentum
-        was_training = self.training
         with torch.no_grad():  # channels of the four taps, from one small forward in eval mode
             self.channels = [f.shape[1] for f in self.eval()(torch.zeros(1, 3, 64, 64))]
-        self.train(was_training)
+        self.train()
 
     def forward(self, x):
-        x = self.bn1(self.conv_stem(x))
-        features = []
+        x, features = self.bn1(self.conv_stem(x)), []
         for index, block in enumerate(self.blocks):
             x = block(x)
             if index in self.taps:
@@ -552,7 +516,6 @@ class EfficientNetTaps(nn.Module):
 class TopDownFPN(nn.Module):
     """Six levels P2..P7 (strides 4..128) at one width: 1x1 laterals with a bilinear upsample-add
     top-down pass over P5..P2, and P6, P7 by 3x3 stride-2 convs from the raw stride-32 feature."""
-
     def __init__(self, in_channels, width):
         super().__init__()
         self.level6 = conv_bn_relu_det(in_channels[3], width, 3, 2)
@@ -570,9 +533,7 @@ class TopDownFPN(nn.Module):
 
 class DepthwisePointConv(nn.Conv2d):
     """The official node conv, a depthwise 1x1 conv (weight [C, 1, 1, 1], bias [C], PyTorch's init),
-    computed as the per-channel multiply-add it is: the same result, several times fewer CPU cycles
-    than the grouped-convolution path on small maps."""
-
+    computed as the per-channel multiply-add it is: the same result, far cheaper on CPU on small maps."""
     def __init__(self, channels):
         super().__init__(channels, channels, 1, groups=channels)
 
@@ -590,7 +551,6 @@ class SegBiFPNLayer(nn.Module):
     weights), top-down P_i^td = node(P_i + Up(P_{i+1}^td)) with bilinear upsampling, bottom-up
     P_i^out = node(P_i + P_i^td + Down(P_{i-1}^out)) with nearest downsampling, P_0^out = P_0^td.
     `top_down_only`: the official last self-teacher layer, returning (P_0^td, ..., P_n^td)."""
-
     def __init__(self, width, levels=6, top_down_only=False):
         super().__init__()
         self.up_nodes = nn.ModuleList(channel_node(width) for _ in range(levels))
@@ -599,11 +559,11 @@ class SegBiFPNLayer(nn.Module):
 
     def forward(self, inputs):
         n = len(inputs)
-        top_down = [None] * n
-        top_down[-1] = self.up_nodes[-1](inputs[-1])
+        top_down = [None] * (n - 1) + [self.up_nodes[-1](inputs[-1])]
         for i in reversed(range(n - 1)):
             # official: nn.Upsample(scale_factor=W_i / W_{i+1}); the same wherever sizes halve exactly
-            up = F.interpolate(top_down[i + 1], size=inputs[i].shape[-2:], mode="bilinear", align_corners=False)
+            up = F.interpolate(top_down[i + 1], size=inputs[i].shape[-2:], mode="bilinear",
+                               align_corners=False)
             top_down[i] = self.up_nodes[i](inputs[i] + up)
         if self.down_nodes is None:
             return top_down
@@ -621,11 +581,9 @@ def segmentation_head(width, num_classes):
 
 
 class FRSKDSegNet(nn.Module):
-    """Classifier network = backbone + FPN + `classifier_layers` BiFPN layers + head; self-teacher =
-    `self_teacher_layers` more BiFPN layers on the classifier's BiFPN outputs (undetached: its CE
-    trains the classifier's layers too, as official) + its own head. Logits are upsampled
-    bilinearly to the input size. forward -> (features F_i, logits, refined T_i, self-teacher logits)."""
-
+    """Classifier network = backbone + FPN + `classifier_layers` BiFPN layers + head; self-teacher = more
+    BiFPN layers on its outputs (undetached: their CE trains the classifier too, as official) + a head.
+    forward -> (features F_i, logits, refined T_i, self-teacher logits), logits resized to the input."""
     def __init__(self, backbone, num_classes, width, classifier_layers=3, self_teacher_layers=2,
                  self_teacher=True):
         super().__init__()
@@ -635,20 +593,20 @@ class FRSKDSegNet(nn.Module):
         self.head = segmentation_head(width, num_classes)
         self.self_teacher = self.self_teacher_head = None  # official baseline: built and run, unused
         if self_teacher:
-            self.self_teacher = nn.Sequential(*[SegBiFPNLayer(width, top_down_only=k == self_teacher_layers - 1)
+            last = self_teacher_layers - 1
+            self.self_teacher = nn.Sequential(*[SegBiFPNLayer(width, top_down_only=k == last)
                                                 for k in range(self_teacher_layers)])
             self.self_teacher_head = segmentation_head(width, num_classes)
 
     def forward(self, x):
-        size = x.shape[-2:]
+        upsampled = functools.partial(F.interpolate, size=x.shape[-2:], mode="bilinear",
+                                      align_corners=False)
         features = self.bifpn(self.fpn(self.backbone(x)))
-        logits = F.interpolate(self.head(features[0]), size=size, mode="bilinear", align_corners=False)
+        logits = upsampled(self.head(features[0]))
         if self.self_teacher is None:
             return features, logits, None, None
         refined = self.self_teacher(features)
-        self_teacher_logits = F.interpolate(self.self_teacher_head(refined[0]), size=size, mode="bilinear",
-                                            align_corners=False)
-        return features, logits, refined, self_teacher_logits
+        return features, logits, refined, upsampled(self.self_teacher_head(refined[0]))
 
 
 def pixel_kd_loss(logits, self_teacher_logits, temperature):
@@ -660,11 +618,14 @@ def pixel_kd_loss(logits, self_teacher_logits, temperature):
     return kl * temperature ** 2 / (batch * height * width)
 
 
+seg_cross_entropy = functools.partial(F.cross_entropy, ignore_index=IGNORE_INDEX)  # labelled pixels
+
+
 def frskd_seg_loss(logits, self_teacher_logits, features, refined, masks, alpha, beta, temperature):
-    """Eq. 5 per pixel: CE(c) + CE(t) (mean over labelled pixels, 255 ignored) + alpha L_KD + beta L_F,
-    L_F over the six levels of the two BiFPN stacks. Returns the total and its four terms."""
-    ce_classifier = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
-    ce_self_teacher = F.cross_entropy(self_teacher_logits, masks, ignore_index=IGNORE_INDEX)
+    """Eq. 5 per pixel: CE(c) + CE(t) + alpha L_KD + beta L_F, L_F over the six levels of the two
+    BiFPN stacks. Returns the total and its four terms."""
+    ce_classifier = seg_cross_entropy(logits, masks)
+    ce_self_teacher = seg_cross_entropy(self_teacher_logits, masks)
     kd = pixel_kd_loss(logits, self_teacher_logits, temperature)  # Eq. 4
     feature = attention_loss(features, refined)  # Eq. 3, self-teacher side detached
     total = ce_classifier + ce_self_teacher + alpha * kd + beta * feature  # Eq. 5
@@ -673,139 +634,85 @@ def frskd_seg_loss(logits, self_teacher_logits, features, refined, masks, alpha,
 
 def distillation_ramp(epoch, warmup, epochs):
     """Factor on alpha and beta in 0-based `epoch` (official warm-up and annealing): 0 for the first
-    `warmup` epochs, then the sigmoid ramp-up exp(-5 (1 - t)^2), t = (epoch + 1 - warmup) /
-    (epochs - warmup)."""
-    if epoch < warmup:
-        return 0.0
-    if epochs <= warmup:
-        return 1.0
+    `warmup` epochs, then exp(-5 (1 - t)^2), t = (epoch + 1 - warmup) / (epochs - warmup)."""
+    if epoch < warmup or epochs <= warmup:
+        return 0.0 if epoch < warmup else 1.0
     t = min(epoch + 1 - warmup, epochs - warmup) / (epochs - warmup)
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
-class SegLogits(nn.Module):
-    """The classifier's logits, or (classifier, self-teacher) logits of one forward, for evaluation."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        _, logits, _, self_teacher_logits = self.net(x)
-        return logits if self_teacher_logits is None else (logits, self_teacher_logits)
-
-
-def segmentation_step(net, images, masks, args, alpha, beta, autocast):
-    """Forward and the per-pixel Eq. 5 (or the classifier's CE alone for the baseline)."""
-    with autocast:
-        features, logits, refined, self_teacher_logits = net(images)
-    if self_teacher_logits is None:
-        loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
-        return loss, torch.stack([loss.detach(), *[torch.zeros_like(loss)] * 3])
-    loss, terms = frskd_seg_loss(logits.float(), self_teacher_logits.float(), features, refined, masks,
-                                 alpha, beta, args.temperature)
-    return loss, torch.stack([t.detach() for t in terms])
-
-
-def build_seg_net(args, num_classes):
-    """Backbone from --init (timm tag, NAME=PATH, or 'none': random), FPN, BiFPN stacks, heads; the
-    initial weights of the new layers depend on --seed alone (the same on every rank)."""
+def build_seg_net(args, ctx):
+    """Backbone from --init (timm tag, NAME=PATH, or 'none': random), FPN, BiFPN stacks, heads; the new
+    layers' initial weights depend on --seed alone (the same on every rank)."""
     with seeded(args.seed):
-        if args.init == "none":
-            model, extra = create(args.arch, 0, pretrained_head="none")
-        else:
-            model, extra = create(init_spec(args.init, args.arch), 0, pretrained_head="reset")
-        net = FRSKDSegNet(EfficientNetTaps(model), num_classes, args.bifpn_channels, args.bifpn_layers,
-                          args.repeat, self_teacher=not args.baseline)
-    return net, extra
-
-
-def train_segmentation(args, ctx, train_set, val_set, out):
-    net, extra = build_seg_net(args, args.num_classes)
+        random_init = args.init == "none"
+        model, extra = create(args.arch if random_init else init_spec(args.init, args.arch), 0,
+                              pretrained_head="none" if random_init else "reset")
+        net = FRSKDSegNet(EfficientNetTaps(model), args.num_classes, args.bifpn_channels,
+                          args.bifpn_layers, args.repeat, self_teacher=not args.baseline)
     weights = "random init" if args.init == "none" else describe_data_config(extra)
     ctx.print(f"backbone {args.arch} ({weights}); features after blocks {net.backbone.taps} "
               f"({net.backbone.channels} channels), BiFPN width {args.bifpn_channels}; inputs normalized "
               f"with mean {args.mean}, std {args.std}")
-    net = net.to(ctx.device)
-    if ctx.device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer_for(net, args)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, 0.1)
-    scaler = ctx.grad_scaler(args)
-    checkpoint = ckpt.Checkpointer(out, ctx, args.resume, args.overwrite, args=args, model=net,
-                                   optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    start_epoch, best = checkpoint.restore()
-    model = net
-    if ctx.distributed:
-        net = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    net = maybe_compile(net, args)
-    autocast = ctx.autocast(args)
-    micro_batch = args.batch_size // (ctx.world * args.accum_steps)
-    sampler = TaggedSampler(torch.utils.data.DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True,
-                                                                seed=args.seed, drop_last=True))
-    data = loader(SeededItems(train_set, args.seed, ctx.rank), micro_batch, args.workers, sampler, ctx.device,
-                  drop_last=True)
-    # whole accumulation groups (official: a leftover micro-batch's gradient goes into the next epoch)
-    updates = len(data) // args.accum_steps
-    if updates == 0:
-        raise DataError(f"each process gets {len(data)} batches of {micro_batch} images per epoch, fewer than "
-                        f"--accum-steps {args.accum_steps}; lower --batch-size or --accum-steps")
-    val_data = eval_loader(val_set, micro_batch, args.workers, ctx)
-    metrics, run_start = {}, time.time()
-    for epoch in range(start_epoch, args.epochs):
-        seed_rank_epoch(args.seed, ctx.rank, epoch)
-        sampler.set_epoch(epoch, epoch)
-        ramp = 0.0 if args.baseline else distillation_ramp(epoch, args.warmup_epochs, args.epochs)
-        alpha, beta = args.alpha * ramp, args.beta * ramp
-        net.train()
-        lr = optimizer.param_groups[0]["lr"]
-        epoch_start = time.time()
-        sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # loss and its 4 terms, per micro-batch
-        optimizer.zero_grad(set_to_none=True)
-        batches = itertools.islice(data, updates * args.accum_steps)
-        for index, (images, masks) in enumerate(ctx.bar(batches, total=updates * args.accum_steps,
-                                                        desc=f"epoch {epoch + 1}/{args.epochs}")):
-            images = normalize(images.to(ctx.device, non_blocking=True), args.mean, args.std)
-            masks = masks.to(ctx.device, non_blocking=True)
-            update = (index + 1) % args.accum_steps == 0
-            # DDP: all-reduce gradients only on the micro-batch that completes an accumulation group
-            with net.no_sync() if ctx.distributed and not update else contextlib.nullcontext():
-                loss, terms = segmentation_step(net, images, masks, args, alpha, beta, autocast)
-                scaler.scale(loss / args.accum_steps).backward()  # official: batch 16, accumulated to 32
-            if update:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_value_(model.parameters(), args.clip_value)  # official: value clipping 2.0
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            sums += torch.cat([loss.detach().view(1), terms]).double()
-        scheduler.step()
-        count = updates * args.accum_steps * ctx.world
-        loss_sum, ce_c, ce_t, kd, feat = ctx.all_reduce_sum(sums.tolist())
-        ckpt.check_finite(loss_sum, epoch, out)
-        metrics = {"epoch": epoch + 1, "lr": lr, "alpha": alpha, "beta": beta, "train_loss": loss_sum / count,
-                   "train_ce": ce_c / count, "train_ce_self_teacher": ce_t / count, "train_kd": kd / count,
-                   "train_feature": feat / count, "train_time": time.time() - epoch_start}
-        result = evaluate_segmentation(SegLogits(model), val_data, ctx, args.mean, args.std, args.num_classes,
-                                       args, heads=1 if args.baseline else 2, desc="val")
-        if not args.baseline:
-            result, self_teacher_result = result
-            metrics["val_self_teacher_miou"] = self_teacher_result["miou"]
-        metrics.update(val_miou=result["miou"], val_pixel_acc=result["pixel_acc"])
-        best = max(best, metrics["val_miou"])
-        if checkpoint.end_epoch(metrics, best, args, score="val_miou", arch=args.arch,
-                                num_classes=args.num_classes):
-            break
-    return metrics, best, time.time() - run_start
+    return net
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: recipes, arguments, main
-# ----------------------------------------------------------------------------------------------
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+def prepare_segmentation(args, ctx):
+    """Read the data -> train_one(run_args, out), which returns train()'s result."""
+    root = demo.ensure_segmentation_data(ctx) if args.data == "demo" else args.data
+    train_pairs, val_pairs, layout = find_pairs(root)
+    check_pairs(train_pairs + val_pairs, args.num_classes)
+    ctx.print(f"{layout} {root}: {len(train_pairs)} train / {len(val_pairs)} val images, "
+              f"{args.num_classes} classes")
+    train_set = SegmentationSet(train_pairs, RandomScaleCropFlip(args.crop_size, args.crop_size))
+    val_sets = {"val": eval_loader(SegmentationSet(val_pairs, ResizePair(args.crop_size)),
+                                   args.batch_size // (ctx.world * args.accum_steps), args.workers, ctx)}
+    return lambda run_args, out: train(
+        run_args, ctx, build_seg_net(run_args, ctx), train_set, val_sets, run_args.num_classes, out,
+        (seg_cross_entropy, frskd_seg_loss),
+        lambda epoch: distillation_ramp(epoch, run_args.warmup_epochs, run_args.epochs))
+
+
+SEG_RECIPES = {  # merged into RECIPES; --task segmentation picks "seg", with --data demo "seg_demo"
+    # the official segmentation code run with its README command (batch 16, gradients accumulated to 32)
+    "seg": dict(arch="tf_efficientnet_b0", epochs=60, warmup_epochs=40, milestones=[40], batch_size=32,
+                accum_steps=2, lr=0.01, wd=5e-4, crop_size=512, num_classes=21, alpha=1.0, beta=50.0,
+                temperature=1.0, repeat=2, bifpn_layers=3, clip_value=2.0, workers=4, mean=IMAGENET_MEAN,
+                std=IMAGENET_STD),
+    # laptop-sized: 64 px scenes, a tiny EfficientNet from random init, 2/3 of the epochs warm-up as official
+    "seg_demo": dict(arch="test_efficientnet", init="none", epochs=10, warmup_epochs=7, milestones=[7],
+                     batch_size=8, accum_steps=1, lr=0.02, wd=5e-4, crop_size=demo.SEG_IMAGE_SIZE,
+                     num_classes=len(demo.SEG_CLASSES), alpha=1.0, beta=50.0, temperature=1.0, repeat=2,
+                     bifpn_layers=3, clip_value=2.0, workers=2, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+}
+SEG_BIFPN_WIDTHS = {"efficientnet_b0": 64, "efficientnet_b1": 88, "efficientnet_b2": 112}  # official outc
+SEGMENTATION_ONLY = [  # declared as FLAGS below
+    ("--init", str, "backbone weights: timm tag (default ARCH.aa_in1k for tf_efficientnet_b*), "
+     "NAME=PATH, or 'none' (random init)"),
+    ("--num-classes", flags.positive_int, "classes incl. background (VOC: 21)"),
+    ("--bifpn-layers", flags.positive_int, "the classifier network's BiFPN layers (VOC: 3)"),
+    ("--warmup-epochs", flags.nonneg_int, "epochs with alpha = beta = 0 (VOC: 40)"),
+    ("--accum-steps", flags.positive_int, "micro-batches whose gradients make one SGD step (VOC: 2)"),
+    ("--clip-value", flags.positive_float, "gradient value clipping (VOC: 2.0)"),
+    ("--crop-size", flags.positive_int, "training crop and validation size (VOC: 512)"),
+]
+
+
+def segmentation_args(args):
+    """Finish the flags of --task segmentation: the BiFPN width and the backbone's weights."""
+    name = args.arch.split(".")[0]
+    args.bifpn_channels = args.bifpn_channels or SEG_BIFPN_WIDTHS.get(name.removeprefix("tf_"), 64)
+    if args.init is None:  # ImageNet weights; timm's default B0 tag is trained on JFT
+        tf_b = name.startswith("tf_efficientnet_b") and "." not in args.arch
+        args.init = f"{name}.aa_in1k" if tf_b else args.arch
+    return args
+
+
+# --- Command line: recipes, flags, main -----------------------------------------------------------
 RECIPES = {  # the paper's Implementation details, with the official data pipelines (mean/std, augmentation)
     "imagenet": dict(arch="resnet18", epochs=90, batch_size=256, milestones=[30, 60], alpha=1.0, beta=200.0,
-                     input_size=224, crop_pct=0.875, augment="rrc", mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=8),
+                     input_size=224, crop_pct=0.875, augment="rrc", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     workers=8),
     "cifar": dict(arch="cifar_resnet18", epochs=200, batch_size=128, milestones=[100, 150], alpha=2.0, beta=100.0,
                   input_size=32, crop_pct=1.0, augment="pad_crop", mean=[0.4914, 0.4822, 0.4465],
                   std=[0.2023, 0.1994, 0.2010], workers=4),
@@ -816,192 +723,108 @@ RECIPES = {  # the paper's Implementation details, with the official data pipeli
     # fine-grained (CUB200, MIT67, Dogs, Stanford40): the standard ResNet-18 at 224, batch 32
     "fgvr": dict(arch="resnet18", epochs=200, batch_size=32, milestones=[100, 150], alpha=1.0, beta=200.0,
                  input_size=224, crop_pct=0.875, augment="rrc", mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=8),
-    # the Tiny-ImageNet recipe (64 px images trained at 32) sized for a 2-core CPU (~5 min): the official
-    # WRN structure at depth 16, width 1, whose BiFPNc is x0.58 its parameters / x0.66 its FLOPs, as in
-    # Table 6's WRN-16-2 row (test_resnet's: x3.1 / x1.5), 16 epochs with the paper's milestone fractions
+    # Tiny-ImageNet's for 2 CPU cores: WRN-16-1, whose BiFPNc is x0.58 params / x0.66 FLOPs as
+    # Table 6's WRN-16-2 row
     "demo": dict(arch="wrn16_1", epochs=16, batch_size=64, milestones=[8, 12], alpha=3.0, beta=100.0,
                  input_size=32, crop_pct=1.0, augment="rrc", mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=2),
+    **SEG_RECIPES,
 }
-SEG_RECIPES = {  # --task segmentation
-    # the official segmentation code run with its README command (batch 16, gradients accumulated to 32)
-    "voc": dict(arch="tf_efficientnet_b0", epochs=60, warmup_epochs=40, milestones=[40], batch_size=32,
-                accum_steps=2, lr=0.01, wd=5e-4, crop_size=512, num_classes=21, alpha=1.0, beta=50.0,
-                temperature=1.0, repeat=2, bifpn_layers=3, clip_value=2.0, workers=4),
-    # laptop-sized: 64 px scenes, a tiny EfficientNet from random init, 2/3 of the epochs warm-up as official
-    "demo": dict(arch="test_efficientnet", init="none", epochs=10, warmup_epochs=7, milestones=[7],
-                 batch_size=8, accum_steps=1, lr=0.02, wd=5e-4, crop_size=demo.SEG_IMAGE_SIZE,
-                 num_classes=len(demo.SEG_CLASSES), alpha=1.0, beta=50.0, temperature=1.0, repeat=2,
-                 bifpn_layers=3, clip_value=2.0, workers=2),
-}
-SEG_BIFPN_WIDTHS = {"efficientnet_b0": 64, "efficientnet_b1": 88, "efficientnet_b2": 112}  # official outc
-SEG_ONLY_FLAGS = ("init", "num_classes", "bifpn_layers", "warmup_epochs", "accum_steps", "clip_value",
-                  "crop_size")
-CLASSIFICATION_ONLY_FLAGS = ("recipe", "val_data", "mixup", "cutmix", "input_size", "crop_pct", "augment")
+FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or action, help[, extras];
+    # a flag of one task only is refused for the other unless at its default (parse_args)
+    ("--data", str, "ImageFolder root with train/ and val/, 'demo', or for segmentation a VOCdevkit or "
+     "DIR/{train,val}/{images,masks}", dict(required=True)),
+    ("--task", ["classification", "segmentation"], "(Sec. 4.2)", dict(default="classification")),
+    ("--out", str, "output folder (default: a fresh runs/frskd_<recipe>[_baseline]/<date-time>)"),
+    ("--arch", str, "cifar_resnet18, wrn16_2, a timm CNN (resnet18, ...); segmentation: EfficientNet"),
+    ("--width", flags.positive_float, "self-teacher channel width w, d_i = w c_i", dict(default=2.0)),
+    ("--bifpn-channels", flags.positive_int, "Table 6's equal-width BiFPN (segmentation: B0 64, B1 88)"),
+    ("--repeat", flags.positive_int, "self-teacher BiFPN layers (segmentation: 2)", dict(default=1)),
+    ("--alpha", flags.nonneg_float, "soft-label distillation weight of Eq. 5"),
+    ("--beta", flags.nonneg_float, "feature distillation weight of Eq. 5; 0 = FRSKD\\F"),
+    ("--temperature", flags.positive_float, "K of Eq. 4 (segmentation: 1)", dict(default=4.0)),
+    ("--baseline", "store_true", "plain cross-entropy, no self-teacher"),
+    ("--epochs", flags.positive_int, ""),
+    ("--batch-size", flags.positive_int, "global batch of one SGD step"),
+    ("--lr", flags.positive_float, "learning rate (segmentation: 0.01)", dict(default=0.1)),
+    ("--wd", flags.nonneg_float, "weight decay (segmentation: 5e-4)", dict(default=1e-4)),
+    ("--wd-scope", ["all", "weights"], "all (official), or exempt 1-d parameters", dict(default="all")),
+    ("--momentum", flags.fraction_below_one, "", dict(default=0.9)),
+    ("--milestones", flags.positive_int, "epochs where lr is multiplied by 0.1", dict(nargs="+")),
+    ("--mean", flags.fraction, "per-channel normalization mean", dict(nargs=3)),
+    ("--std", flags.positive_float, "per-channel normalization std", dict(nargs=3)),
+]
+CLASSIFICATION_ONLY = [
+    ("--recipe", ["imagenet", "cifar", "tinyimagenet", "fgvr"], "imagenet if not given (demo: its own)"),
+    ("--val-data", "append", "extra ImageFolder to evaluate on", dict(default=[])),
+    ("--mixup", flags.nonneg_float, "mixup alpha (Table 8; 0 = off)", dict(default=0.0)),
+    ("--cutmix", flags.nonneg_float, "cutmix alpha (Table 8; 0 = off)", dict(default=0.0)),
+    ("--input-size", flags.positive_int, ""),
+    ("--crop-pct", flags.open_fraction, "evaluation center crop"),
+    ("--augment", ["rrc", "pad_crop"], "random-resized crop, or CIFAR pad-4 crop"),
+]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/, or 'demo' "
-                   "(segmentation: a VOCdevkit folder or DIR/{train,val}/{images,masks}, or 'demo')")
-    p.add_argument("--task", choices=["classification", "segmentation"], default="classification",
-                   help="segmentation: EfficientDet with a BiFPN self-teacher (Sec. 4.2, Table 4)")
-    p.add_argument("--val-data", action="append", default=[], help="extra ImageFolder to evaluate on")
-    p.add_argument("--recipe", choices=["imagenet", "cifar", "tinyimagenet", "fgvr"],
-                   help="default: imagenet (demo: its own)")
-    p.add_argument("--out", help="output folder (default: a fresh runs/frskd_<recipe>[_baseline]/<date-time>)")
-    p.add_argument("--arch", help="cifar_resnet18, wrn16_2, or a timm CNN (resnet18, resnet34, ...)")
-    p.add_argument("--width", type=flags.positive_float, default=2.0,
-                   help="self-teacher channel width w (d_i = w c_i)")
-    p.add_argument("--bifpn-channels", type=flags.positive_int,
-                   help="equal-width BiFPN of Table 6 (no resample convs) instead of BiFPNc; segmentation: "
-                        "the BiFPN width (default 64 for B0, 88 for B1, as EfficientDet)")
-    p.add_argument("--repeat", type=flags.positive_int, default=1,
-                   help="stacked BiFPN layers of the self-teacher (segmentation: 2)")
-    p.add_argument("--alpha", type=flags.nonneg_float, help="soft-label distillation weight (Eq. 5)")
-    p.add_argument("--beta", type=flags.nonneg_float, help="feature distillation weight (Eq. 5); 0 = FRSKD\\F")
-    p.add_argument("--temperature", type=flags.positive_float, default=4.0, help="K of Eq. 4")
-    p.add_argument("--baseline", action="store_true", help="plain cross-entropy, no self-teacher")
-    p.add_argument("--mixup", type=flags.nonneg_float, default=0.0, help="mixup alpha (Table 8; 0 = off)")
-    p.add_argument("--cutmix", type=flags.nonneg_float, default=0.0, help="cutmix alpha (Table 8; 0 = off)")
-    p.add_argument("--epochs", type=flags.positive_int)
-    p.add_argument("--batch-size", type=flags.positive_int, help="global batch")
-    p.add_argument("--lr", type=flags.positive_float, default=0.1)
-    p.add_argument("--wd", type=flags.nonneg_float, default=1e-4)
-    p.add_argument("--wd-scope", choices=["all", "weights"], default="all",
-                   help="all: decay every parameter, incl. BN and fusion weights (official); "
-                        "weights: exempt 1-d parameters")
-    p.add_argument("--momentum", type=flags.fraction_below_one, default=0.9)
-    p.add_argument("--milestones", type=flags.positive_int, nargs="+", help="epochs where lr is multiplied by 0.1")
-    p.add_argument("--input-size", type=flags.positive_int)
-    p.add_argument("--crop-pct", type=flags.open_fraction)
-    p.add_argument("--augment", choices=["rrc", "pad_crop"], help="random-resized crop, or CIFAR pad-4 crop")
-    p.add_argument("--mean", type=flags.fraction, nargs=3, help="per-channel normalization mean (recipe's)")
-    p.add_argument("--std", type=flags.positive_float, nargs=3, help="per-channel normalization std (recipe's)")
-    flags.add_run_flags(p)
-    seg = p.add_argument_group("segmentation only (defaults: SEG_RECIPES)")
-    seg.add_argument("--init", help="backbone weights: timm tag (default ARCH.aa_in1k for tf_efficientnet_b*), "
-                                    "NAME=PATH, or 'none' (random init)")
-    seg.add_argument("--num-classes", type=flags.positive_int, help="classes incl. background (VOC: 21)")
-    seg.add_argument("--bifpn-layers", type=flags.positive_int, help="the classifier network's BiFPN layers (3)")
-    seg.add_argument("--warmup-epochs", type=flags.nonneg_int, help="epochs with alpha = beta = 0 (40)")
-    seg.add_argument("--accum-steps", type=flags.positive_int,
-                     help="micro-batches whose gradients make one SGD step of --batch-size (2)")
-    seg.add_argument("--clip-value", type=flags.positive_float, help="gradient value clipping (2.0)")
-    seg.add_argument("--crop-size", type=flags.positive_int, help="training crop and validation size (512)")
-    early = argparse.ArgumentParser(add_help=False)
-    early.add_argument("--task")
-    early.add_argument("--data")
-    known = early.parse_known_args(argv)[0]
-    if known.task == "segmentation":  # the segmentation recipe's defaults replace the classification ones
-        recipe = SEG_RECIPES["demo" if known.data == "demo" else "voc"]
-        p.set_defaults(**recipe, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    only = [(flag, kind, f"{task} only: {text}" if text else f"{task} only", *more) for task, table in
+            (("classification", CLASSIFICATION_ONLY), ("segmentation", SEGMENTATION_ONLY))
+            for flag, kind, text, *more in table]
+    p = flags.build_parser(__doc__.split("\n\n")[0] + " Flags without a default take the recipe's value "
+                           "(RECIPES).", FLAGS + only)
+    known = p.parse_known_args(argv)[0]
+    seg, demo_data = known.task == "segmentation", known.data == "demo"
+    name = ("seg_demo" if demo_data else "seg") if seg else \
+        known.recipe or ("demo" if demo_data else "imagenet")
+    p.set_defaults(**RECIPES[name], recipe_name=name)  # the recipe's values for the flags not given
     args = p.parse_args(argv)
-    if args.task == "segmentation":
-        return segmentation_args(args, p)
-    given = [name for name in SEG_ONLY_FLAGS if getattr(args, name) is not None]
-    if given:
-        p.error(f"--{given[0].replace('_', '-')} applies to --task segmentation only")
-    args.recipe_name = "demo" if args.data == "demo" and args.recipe is None else (args.recipe or "imagenet")
-    for key, value in RECIPES[args.recipe_name].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    return args
-
-
-def segmentation_args(args, parser):
-    """Finish the flags of --task segmentation: refuse classification-only flags, derive the width."""
-    given = [name for name in CLASSIFICATION_ONLY_FLAGS if getattr(args, name) not in (None, [], 0.0)]
-    if given:
-        parser.error(f"--{given[0].replace('_', '-')} applies to classification only, not --task segmentation")
-    args.recipe_name = "seg_demo" if args.data == "demo" else "seg"
-    name = args.arch.split(".")[0]
-    if args.bifpn_channels is None:
-        args.bifpn_channels = SEG_BIFPN_WIDTHS.get(name.removeprefix("tf_"), 64)
-    if args.init is None:  # ImageNet weights; timm's default B0 tag is trained on JFT
-        tf_b = name.startswith("tf_efficientnet_b") and "." not in args.arch
-        args.init = f"{name}.aa_in1k" if tf_b else args.arch
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    ctx = setup(args.device)
-    try:
-        run(args, ctx)
-    except (DataError, ModelError, FloatingPointError) as error:
-        raise SystemExit(f"error: {error}") from None
-    except KeyboardInterrupt:
-        raise SystemExit(ckpt.INTERRUPTED) from None
-    finally:
-        cleanup()
+    for flag, *_ in CLASSIFICATION_ONLY if seg else SEGMENTATION_ONLY:
+        dest = flag[2:].replace("-", "_")
+        if getattr(args, dest) != p.get_default(dest):
+            p.error(f"{flag} applies to classification only, not --task segmentation" if seg else
+                    f"{flag} applies to --task segmentation only")
+    if seg and not args.baseline and args.warmup_epochs >= args.epochs:
+        p.error(f"--epochs {args.epochs} ends within the distillation warm-up of {args.warmup_epochs} epochs "
+                f"(alpha = beta = 0 until then): FRSKD would never distil; pass more --epochs or a smaller "
+                f"--warmup-epochs")
+    return segmentation_args(args) if seg else args
 
 
 def run(args, ctx):
-    if args.task == "segmentation":
-        return run_segmentation(args, ctx)
-    if args.batch_size % ctx.world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the {ctx.world} processes")
+    """Train the run the flags ask for (the demo: then the baseline, in OUT/frskd and OUT/baseline)."""
+    seg, metric = args.task == "segmentation", "miou" if args.task == "segmentation" else "top1"
+    if args.batch_size % (ctx.world * (args.accum_steps or 1)):
+        raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the {ctx.world} "
+                         "processes" + (f" x --accum-steps {args.accum_steps}" if seg else ""))
     start = time.time()
-    root = demo.ensure_data(ctx) if args.data == "demo" else args.data
-    cfg = {"mean": list(args.mean), "std": list(args.std), "input_size": args.input_size,
-           "crop_pct": args.crop_pct, "interpolation": "bilinear"}
-    ctx.print(describe_data_config({"name": args.arch, "data_config": cfg, "data_config_source":
-                                    f"the {args.recipe_name} recipe and flags; training: {args.augment}"}))
-    train_tf, val_tf = transforms_for(args)
-    train_set = image_folder(root, "train", train_tf)
-    val_sets = {"val": eval_loader(image_folder(root, "val", val_tf, train_set.classes),
-                                   args.batch_size, args.workers, ctx)}
-    for i, extra in enumerate(args.val_data):
-        val_sets[f"extra{i}"] = eval_loader(image_folder(extra, "", val_tf, train_set.classes),
-                                            args.batch_size, args.workers, ctx)
+    train_one = (prepare_segmentation if seg else prepare_classification)(args, ctx)
     base = f"runs/frskd_{args.recipe_name}" + ("_baseline" if args.baseline else "")
     out = ckpt.resolve_out(args.out, base, ctx, args.resume)
-    train_and_summarize(args, ctx, out, start, "top1", lambda run_args, run_out: train(
-        run_args, ctx, train_set, val_sets, cfg, run_out), lambda a: f", w {a.width}")
-
-
-def train_and_summarize(args, ctx, out, start, metric, train_one, describe):
-    """Train the run the flags ask for (on the demo also the baseline with the same flags, in
-    OUT/frskd and OUT/baseline), print one summary line, write OUT/summary.json.
-    train_one(run_args, run_out) -> (final metrics, best val_<metric>, seconds)."""
     runs = [("baseline" if args.baseline else "frskd", args)]
     if args.data == "demo" and not args.baseline:  # the demo also trains the baseline (same epochs)
         runs.append(("baseline", argparse.Namespace(**dict(vars(args), baseline=True))))
     results = {}
     for name, run_args in runs:
-        ctx.print(f"training {name}: {run_args.task}, {run_args.arch}, {run_args.epochs} epochs" + ("" if
-                  run_args.baseline else f", alpha {run_args.alpha}, beta {run_args.beta}" + describe(run_args)))
+        ctx.print(f"training {name}: {run_args.task}, {run_args.arch}, {run_args.epochs} epochs" + (
+            "" if run_args.baseline else f", alpha {run_args.alpha}, beta {run_args.beta}" + (
+                f" after {run_args.warmup_epochs} warm-up epochs" if seg else f", w {run_args.width}")))
         metrics, best, seconds = train_one(run_args, out if len(runs) == 1 else os.path.join(out, name))
         results[name] = {"final": metrics, f"best_{metric}": best, "train_time": seconds}
-    name = "top-1" if metric == "top1" else "mIoU"
-    line = ", ".join(f"{run} classifier {name} {r['final'].get(f'val_{metric}', float('nan')):.2f}% "
+    shown = "mIoU" if seg else "top-1"
+    line = ", ".join(f"{name} classifier {shown} {r['final'].get(f'val_{metric}', math.nan):.2f}% "
                      f"(best {r[f'best_{metric}']:.2f}%, {r['train_time']:.0f}s)"
                      + (f", self-teacher {r['final'][f'val_self_teacher_{metric}']:.2f}%"
-                        if f"val_self_teacher_{metric}" in r["final"] else "") for run, r in results.items())
-    title = "FRSKD summary" if args.task == "classification" else "FRSKD segmentation summary"
-    ctx.print(f"{title}: {args.arch}, {args.epochs} epochs: {line}; total {time.time() - start:.0f}s, "
-              f"out {out}")
+                        if f"val_self_teacher_{metric}" in r["final"] else "")
+                     for name, r in results.items())
+    ctx.print(f"FRSKD {'segmentation ' if seg else ''}summary: {args.arch}, {args.epochs} epochs: "
+              f"{line}; total {time.time() - start:.0f}s, out {out}")
     if ctx.main:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(results, f, indent=1)
 
 
-def run_segmentation(args, ctx):
-    if args.batch_size % (ctx.world * args.accum_steps):
-        raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the {ctx.world} "
-                         f"processes x --accum-steps {args.accum_steps}")
-    start = time.time()
-    root = demo.ensure_segmentation_data(ctx) if args.data == "demo" else args.data
-    train_pairs, val_pairs, layout = find_pairs(root)
-    check_pairs(train_pairs + val_pairs, args.num_classes)
-    ctx.print(f"{layout} {root}: {len(train_pairs)} train / {len(val_pairs)} val images, {args.num_classes} classes")
-    train_set = SegmentationSet(train_pairs, RandomScaleCropFlip(args.crop_size, args.crop_size))
-    val_set = SegmentationSet(val_pairs, ResizePair(args.crop_size))
-    base = f"runs/frskd_{args.recipe_name}" + ("_baseline" if args.baseline else "")
-    out = ckpt.resolve_out(args.out, base, ctx, args.resume)
-    train_and_summarize(args, ctx, out, start, "miou", lambda run_args, run_out: train_segmentation(
-        run_args, ctx, train_set, val_set, run_out), lambda a: f" after {a.warmup_epochs} warm-up epochs")
+def main(argv=None):
+    args = parse_args(argv)
+    run_main(lambda ctx: run(args, ctx), args, (DataError, ModelError, FloatingPointError))
+
 
 if __name__ == "__main__":
     main()
