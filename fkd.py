@@ -39,7 +39,6 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
@@ -47,7 +46,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from common import ckpt, demo, flags
 from common.crops import replay_crops, sample_crops
-from common.data import (DataError, FreshCrops, TaggedSampler, eval_loader, eval_sets, evaluate, evaluate_sets,
+from common.data import (DataError, FreshCrops, TaggedSampler, eval_sets, evaluate, evaluate_sets,
                          eval_transform, image_folder, load_rgb, loader, mix_batch)
 from common.dist import (EpochSums, epoch_generator, maybe_compile, on_every_rank, run_main,
                          seed_rank_epoch, seeded, unwrap)
@@ -56,7 +55,7 @@ from common.labels import (CODECS, LabelStore, StoreError, StoredCrops, check_fo
                            failure_marker, label_identity, lock_store, open_for_generation, open_shared,
                            show_labels, teacher_identity)
 from common.models import (ModelError, create, describe_data_config, init_spec, load_teachers,
-                           make_optimizer, normalize, teacher_logits)
+                           make_optimizer, normalize, param_groups, teacher_logits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,13 +68,10 @@ def soft_cross_entropy(logits, targets, temperature=1.0):
 
 
 def pass_plan(epochs, m, warmup_epochs=0):
-    """[(first epoch, crops per image, epochs covered)] of the official loops (Sec. 3.3).
-
-    One pass with m crops per image = m epochs at one lr (the "serrated" cosine). Warmup epochs run
-    one crop per image first (train_ViT_FKD.py); from the first pass that would start at or after
-    epoch `epochs - m`, every epoch runs one crop per image (both official loops): the last m
-    epochs without warmup, the last 3 with 5 warmup epochs and m = 4.
-    """
+    """[(first epoch, crops per image, epochs covered)] of the official loops (Sec. 3.3): a pass of
+    m crops per image = m epochs at one lr (the "serrated" cosine); warmup epochs one crop each
+    first (train_ViT_FKD.py); from the first pass that would start at or after `epochs - m`, one
+    crop per epoch (both loops): the last m epochs, or the last 3 with 5 warmup epochs and m = 4."""
     plan, epoch = [], 0
     while epoch < epochs:
         single = epoch < warmup_epochs or epoch >= epochs - m
@@ -86,12 +82,9 @@ def pass_plan(epochs, m, warmup_epochs=0):
 
 @torch.no_grad()
 def label_crops(teachers, views, codec, k, temperature, stores, autocast):
-    """Soft labels of one block of crops of one image (Sec. 3.1), compressed (Sec. 3.5).
-
-    `full` keeps P; Eq. 3 `hard` its argmax (of the *ensemble* P); Eq. 4 `smooth` the argmax and its
-    probability; Eq. 5 `ms` / Eq. 6-7 `mr` the top-K (the rest is restored at decode).
-    `stores="logits"` (Sec. 3.4): one teacher's raw outputs. Returns (indices or None, values or None).
-    """
+    """Soft labels of one block of crops of one image (Sec. 3.1), compressed (Sec. 3.5): `full` P,
+    `hard` argmax of the *ensemble* P, `smooth` argmax + its probability, `ms`/`mr` the top-K;
+    `stores="logits"` (Sec. 3.4): one teacher's raw outputs. Returns (indices or None, values or None)."""
     outputs = teacher_logits(teachers, views, autocast)
     if stores == "logits":
         return encode(outputs[0], "full")
@@ -120,15 +113,6 @@ class ColorJitter:
         return torch.stack(out)
 
 
-def parameter_groups(model, weight_decay, rule):
-    """'all': decay on every parameter (train_FKD.py: SGD(model.parameters())); 'weights': none on
-    biases, norms and no_weight_decay() tokens (timm's rule, train_ViT_FKD.py)."""
-    if rule == "all":
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
-
-
 def train_step(model, optimizer, scaler, images, targets, temperature, autocast):
     """Forward, soft cross-entropy, backward, step; returns (loss, logits), both detached."""
     with autocast:
@@ -145,9 +129,8 @@ def train_step(model, optimizer, scaler, images, targets, temperature, autocast)
 # Phase 1: label generation (Sec. 3.1 "Label Generation Phase")
 # ----------------------------------------------------------------------------------------------
 class CropsForTeachers(Dataset):
-    """Item (image n, crop block j) -> the block's crops resized for each teacher view. Crop i
-    depends only on (seed, n, i) and block j is a fixed slice of the M crops: the stored bytes never
-    depend on worker or rank count or restarts."""
+    """Item (image n, crop block j) -> the block's crops for each teacher view. Crop i depends only on
+    (seed, n, i), block j is a fixed slice of the M crops: the bytes never depend on workers or ranks."""
 
     def __init__(self, samples, items, num_crops, block, views, scale, ratio, seed):
         self.samples, self.items, self.num_crops, self.block = samples, items, num_crops, block
@@ -253,14 +236,14 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
     model = student.to(ctx.device)
     if ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(args.opt, parameter_groups(model, args.wd, args.wd_params), args.lr,
+    optimizer = make_optimizer(args.opt, param_groups(model, args.wd, args.wd_params), args.lr,
                                args.momentum)
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr,
                                   warmup_t=args.warmup_epochs, warmup_lr_init=args.warmup_lr)
     scaler = ctx.grad_scaler(args)
     checkpoint = ckpt.Checkpointer(args.out, ctx, args.resume, args.overwrite, args=training_flags(args),
                                    model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    start_epoch, best = checkpoint.restore()
+    start_epoch, best = checkpoint.restore(student.num_classes)
     if ctx.distributed:
         model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     model, autocast = maybe_compile(model, args), ctx.autocast(args)
@@ -297,18 +280,13 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
                    "train_loss": means["loss"], "train_crop_top1": 100 * means["correct"],
                    "train_crops": seen, "train_time": time.time() - pass_start}
         # the bare model: a DDP forward broadcasts buffers, which hangs a rank with no eval images
-        metrics.update(evaluate_all(unwrap(model), val_sets, ctx, student_cfg, args))
+        metrics.update(evaluate_sets(unwrap(model), val_sets, ctx, student_cfg["mean"], student_cfg["std"], args)
+                       if val_sets else {"val_top1": float("nan")})  # SSL labels: no classes to score
         best = max(best, metrics["val_top1"]) if not math.isnan(metrics["val_top1"]) else best
         if checkpoint.end_epoch(metrics, best, args=training_flags(args), arch=args.arch,
                                 num_classes=unwrap(model).num_classes, data_config=student_cfg):
             break
     return metrics, best, time.time() - run_start
-
-
-def evaluate_all(model, val_sets, ctx, cfg, args):
-    """Top-1/top-5 on val and each --val-data set; NaN when the student predicts no classes (SSL)."""
-    return evaluate_sets(model, val_sets, ctx, cfg["mean"], cfg["std"], args) if val_sets else \
-        {"val_top1": float("nan")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,12 +529,8 @@ def run(args, explicit, ctx):
     store = None
     precision = ctx.teacher_autocast(args)[1]
     if args.mode in ("fkd", "label", "show"):
-        args.labels = ctx.broadcast_object(args.labels or default_store_path(data_tag(args.data), {
-            "data_root": os.path.abspath(root), "teachers": teachers_identity, "crop_scale": args.crop_scale,
-            "crop_ratio": args.crop_ratio, "seed": args.seed, "num_crops": args.stored_crops, "codec": args.codec,
-            "k": args.k if args.codec in ("ms", "mr") else 1, "stores": args.stores,
-            "temperature": None if args.stores == "logits" else args.temperature, "label_dim": label_dim,
-            **({"teacher_precision": precision} if precision != "float32" else {})}))
+        args.labels = ctx.broadcast_object(args.labels or default_store_path(data_tag(args.data), root, args,
+                                                                             teachers_identity, label_dim, precision))
         # rank 0 decides for the job: every rank then opens the same store, or all stop in one sentence
         if on_every_rank(ctx, lambda: store_is_ready(args), (StoreError, OSError), StoreError, share_result=True):
             store = open_shared(ctx, args.labels)
@@ -585,9 +559,8 @@ def run(args, explicit, ctx):
     teacher_top1 = None
     if args.data == "demo" and teachers:
         teacher, cfg = teachers[0][0], teachers[0][1]["data_config"]
-        tval = eval_loader(image_folder(root, "val", eval_transform(cfg["input_size"], cfg["crop_pct"],
-                                                                    cfg["interpolation"]), train_set.classes),
-                           args.batch_size, args.workers, ctx, persistent=False)
+        tval = eval_sets(root, [], eval_transform(cfg["input_size"], cfg["crop_pct"], cfg["interpolation"]),
+                         train_set.classes, args.batch_size, args.workers, ctx)["val"]
         teacher_top1 = evaluate(teacher, tval, ctx, cfg["mean"], cfg["std"], args, desc="teacher")["top1"]
     metrics, best, train_time = train(args, ctx, train_set, val_sets, store,
                                       teachers if args.mode == "online" else [], student, student_cfg)

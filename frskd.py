@@ -320,9 +320,7 @@ def build_net(args, num_classes):
 
 def make_optimizer_for(net, args):
     """SGD; weight decay on every parameter (official) or, with --wd-scope weights, not on 1-d ones."""
-    groups = param_groups(net, args.wd) if args.wd_scope == "weights" else \
-        [{"params": [p for p in net.parameters() if p.requires_grad], "weight_decay": args.wd}]
-    return make_optimizer("sgd", groups, args.lr, args.momentum)
+    return make_optimizer("sgd", param_groups(net, args.wd, args.wd_scope), args.lr, args.momentum)
 
 
 # --- The training step and loop (both tasks) ------------------------------------------------------
@@ -364,7 +362,7 @@ def train(args, ctx, net, train_set, val_sets, num_classes, out, losses, ramp=No
     scaler = ctx.grad_scaler(args)
     checkpoint = ckpt.Checkpointer(out, ctx, args.resume, args.overwrite, args=args, model=net,
                                    optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    start_epoch, best = checkpoint.restore()
+    start_epoch, best = checkpoint.restore(num_classes)
     model = net  # the bare network, evaluated without the wrappers
     if ctx.distributed:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[ctx.device.index] if cuda else None)

@@ -259,7 +259,7 @@ def train_loader(train_set, store, m, teachers, args, ctx):
 def train(args, ctx, train_set, val_sets, store, teachers, model, discriminator, optimizer, scaler,
           checkpoint, cfg):
     num_classes, cuda = len(train_set.classes), ctx.device.type == "cuda"
-    start_epoch, best = checkpoint.restore()
+    start_epoch, best = checkpoint.restore(num_classes)
     if ctx.distributed:
         ids = [ctx.device.index] if cuda else None
         model = DistributedDataParallel(model, device_ids=ids)

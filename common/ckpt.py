@@ -394,8 +394,9 @@ class Checkpointer:
         self.resume_path = share_decision(ctx, path, error, note)
         self.log = MetricsLog(out, ctx.main)
 
-    def restore(self):
-        """Load the resume checkpoint if any; returns (start_epoch, best_top1)."""
+    def restore(self, num_classes=None):
+        """Load the resume checkpoint if any; returns (start_epoch, best_top1). `num_classes`: the
+        run's, compared first, so that a class folder added or removed is named as the cause."""
         if not self.resume_path:  # a fresh start (also after --overwrite, or a run killed before its first save)
             self.log.truncate_after(0)
             return 0, 0.0
@@ -406,6 +407,11 @@ class Checkpointer:
                                   f"processes: --out must be on a filesystem shared by all nodes")
         state = self._state if self._state is not None else load_resume(self.resume_path)
         self._state = None
+        if None not in (num_classes, state.get("num_classes")) and num_classes != state["num_classes"]:
+            raise CheckpointError(f"--resume {self.resume_path} was trained on {state['num_classes']} classes "
+                                  f"and the data now has {num_classes}: a class folder was added or removed "
+                                  f"since; restore the data as it was, or start a new run (another --out, or "
+                                  f"--overwrite)")
         for name, obj in self.objects.items():
             if name not in state:
                 raise CheckpointError(f"--resume {self.resume_path} holds no {name} state; pass a "

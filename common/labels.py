@@ -578,9 +578,14 @@ class StoredCrops(Dataset):
                 torch.from_numpy(values) if values is not None else empty, self.samples[n][1])
 
 
-def default_store_path(tag, settings):
+def default_store_path(tag, root, args, teachers, label_dim, precision="float32"):
     """runs/fkd_labels/<data>-<hash of the data folder and the label settings>: one store per data
     set and label settings, shared by every run that uses them."""
+    settings = {"data_root": os.path.abspath(root), "teachers": teachers, "crop_scale": args.crop_scale,
+                "crop_ratio": args.crop_ratio, "seed": args.seed, "num_crops": args.stored_crops,
+                "codec": args.codec, "k": args.k if args.codec in ("ms", "mr") else 1, "stores": args.stores,
+                "temperature": None if args.stores == "logits" else args.temperature, "label_dim": label_dim,
+                **({"teacher_precision": precision} if precision != "float32" else {})}
     return os.path.join("runs", "fkd_labels", f"{tag}-{identity_digest(settings, list(settings))}")
 
 

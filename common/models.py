@@ -272,11 +272,17 @@ def normalize(images, mean, std):
     return out.contiguous(memory_format=torch.channels_last) if images.is_cuda else out
 
 
-def param_groups(model, weight_decay):
-    """No weight decay on biases and normalization parameters (1-d tensors)."""
-    params = [param for param in model.parameters() if param.requires_grad]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+def param_groups(model, weight_decay, rule="weights"):
+    """The one weight-decay rule, per recipe: 'all' decays every parameter (train_FKD.py, the BAKE,
+    FRSKD and MEAL V2 official code: SGD(model.parameters(), weight_decay)); 'weights' exempts
+    biases, normalization parameters (1-d) and the model's no_weight_decay() tokens (timm's rule)."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if rule == "all":
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    exempt = {name for name, p in params if p.ndim <= 1 or name in skip}
+    return [{"params": [p for n, p in params if n not in exempt], "weight_decay": weight_decay},
+            {"params": [p for n, p in params if n in exempt], "weight_decay": 0.0}]
 
 
 def make_optimizer(name, groups, lr, momentum=0.9, nesterov=False):

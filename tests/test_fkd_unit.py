@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fkd
 from common.data import mix_batch
 from common.labels import crop_schedule
-from common.models import ensemble_probs, teacher_logits
+from common.models import ensemble_probs, param_groups, teacher_logits
 
 
 def test_crop_schedule_is_non_overlapping_until_all_used():
@@ -127,12 +127,12 @@ def test_recipes_are_labelled_with_their_table_numbers():
 def test_weight_decay_sets_and_torchvision_init():
     import timm
     resnet = timm.create_model("test_resnet", zero_init_last=False)
-    groups = fkd.parameter_groups(resnet, 1e-4, "all")  # train_FKD.py: SGD(model.parameters(), wd)
+    groups = param_groups(resnet, 1e-4, "all")  # train_FKD.py: SGD(model.parameters(), wd)
     assert len(groups) == 1 and len(groups[0]["params"]) == len(list(resnet.parameters()))
     gammas = lambda model: [float(m.weight.detach().min()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # noqa: E731
     assert min(gammas(resnet)) == 1.0 and min(gammas(timm.create_model("test_resnet"))) == 0.0  # timm zeroes
     vit = timm.create_model("test_vit")
-    decayed = {id(p) for g in fkd.parameter_groups(vit, 0.05, "weights") if g["weight_decay"] > 0 for p in g["params"]}
+    decayed = {id(p) for g in param_groups(vit, 0.05, "weights") if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in vit.named_parameters() if id(p) not in decayed}
     assert {"cls_token", "pos_embed"} <= names and all(p.ndim > 1 for n, p in vit.named_parameters() if id(p) in decayed)
 

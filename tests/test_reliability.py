@@ -517,3 +517,38 @@ def test_unreadable_images_are_one_sentence_in_every_script(name, case, bad_inpu
     message = assert_one_sentence(run_main(name, tiny_argv(name, data, tiny_teacher, tmp_path / "out", "--epochs",
                                                            "1", *extra)), "cannot read image", "remove or replace")
     assert "Traceback" not in message and "worker" not in message.lower()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_class_folder_added_before_resume_is_named_as_the_cause(name, tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    assert run_main(name, tiny_argv(name, data, tiny_teacher, out, "--epochs", "2", "--stop-epoch", "1")) == 0
+    make_image_folder(tmp_path / "more", classes=4)  # the same three classes and a fourth
+    for split in ("train", "val"):
+        fourth = __import__("common.demo").demo.CLASSES[3]  # the class make_image_folder adds fourth
+        shutil.copytree(tmp_path / "more" / split / fourth, os.path.join(data, split, fourth))
+    code = run_main(name, tiny_argv(name, data, tiny_teacher, out, "--epochs", "2", "--resume", "auto"))
+    if name == "fkd":  # its label store is checked first: made for the three classes' images
+        assert_one_sentence(code, "num_classes: store 3, this run 4")
+    elif name == "meal_v2":  # its teachers are checked first
+        assert_one_sentence(code, "predicts 3 classes but the data has 4 class folders")
+    else:
+        assert_one_sentence(code, "was trained on 3 classes and the data now has 4", "class folder was added")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_sigterm_to_the_process_group_is_one_sentence_and_resumable(name, tiny_data, tiny_teacher, tmp_path):
+    """What a cluster scheduler sends before it kills a job: to the main process and its loader workers."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    argv = method_args(name, tiny_data, tiny_teacher, tmp_path / "out", "--epochs", "50", "--workers", "1")
+    job = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    log, deadline = tmp_path / "out" / "metrics.jsonl", time.time() + 240
+    while not (log.exists() and log.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted; run the same command with --resume auto"), err

@@ -62,7 +62,8 @@ def main():
     p.add_argument("--stored-crops", type=int, default=4, help="crops per image of the label runs")
     p.add_argument("--json", default=os.path.join(ROOT, "runs", "benchmarks", "threads.json"))
     args = p.parse_args()
-    fkd(["--mode", "label", "--stored-crops", "1", "--labels", tempfile.mkdtemp() + "/warm"], policy_env("omp1"))
+    fkd(["--mode", "label", "--stored-crops", "1", "--num-crops", "1", "--labels", tempfile.mkdtemp() + "/warm"],
+        policy_env("default"))  # builds the demo set and teacher once
     results, lines = {}, {}
     with tempfile.TemporaryDirectory() as work:
         for busy in args.busy:
