@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from .dist import uninterrupted
 from .models import ModelError, read_checkpoint
 
 INTERRUPTED = ("interrupted; run the same command with --resume auto to continue from the last "
@@ -54,16 +55,17 @@ def save_atomic(obj, path):
     file, and a failed write (full disk, quota) leaves no temporary file and the old file intact."""
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # torch's zip writer reports ENOSPC as RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise CheckpointError(write_error(path, error)) from None
+    with uninterrupted():  # a Ctrl-C or SIGTERM now stops the run after the write, not inside it
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as error:  # torch's zip writer reports ENOSPC as RuntimeError
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise CheckpointError(write_error(path, error)) from None
 
 
 def write_error(path, error):
@@ -103,7 +105,7 @@ def lock_out(out):
     warning (returned), the run goes on."""
     try:
         return hold_lock(os.path.join(out, ".lock"), os.path.realpath(out), "another run",
-                         f"wait for it to end, or pass another --out", f"{out}")
+                         "wait for it to end, or pass another --out", f"{out}")
     except PermissionError as error:
         raise CheckpointError(f"cannot write in output folder {out} ({error}); pass a writable --out") from None
 

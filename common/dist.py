@@ -132,16 +132,37 @@ def one_sentence(error):
     return text
 
 
+_signals = {"critical": 0, "deferred": False}
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """Ctrl-C / SIGTERM wait until the block is done (a checkpoint write), then stop the run."""
+    _signals["critical"] += 1
+    try:
+        yield
+    finally:
+        _signals["critical"] -= 1
+        if not _signals["critical"] and _signals["deferred"]:
+            _signals["deferred"] = False
+            raise KeyboardInterrupt
+
+
+def _interrupt(signum, frame):
+    if _signals["critical"]:
+        _signals["deferred"] = True
+    else:
+        raise KeyboardInterrupt
+
+
 def run_main(work, args, errors):
     """Set up the process (group), run `work(ctx)`, and end every way one sentence long: Ctrl-C and
     SIGTERM (what a cluster scheduler sends before it kills a job) say how to resume, `errors`
     print as `error: ...`; both exit non-zero. The process group and the run lock are released."""
     from .ckpt import INTERRUPTED
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() \
-        else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
     try:
         ctx = setup(args.device, getattr(args, "threads", None))
         work(ctx)
@@ -150,8 +171,8 @@ def run_main(work, args, errors):
     except errors as error:
         raise SystemExit(f"error: {one_sentence(error)}") from None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         cleanup()
 
 

@@ -570,3 +570,17 @@ def test_kd_ddp_starts_a_process_group_of_one(tiny_data, tiny_teacher, tmp_path)
     assert "FKD summary" in result.stdout
     (tmp_path / "run.log").write_text(result.stdout + result.stderr)
     smoke_helper().verify(str(out), 3, str(tmp_path / "run.log"), world=1, backend="gloo", sync_bn=False)
+
+
+def test_a_signal_during_a_checkpoint_write_waits_for_the_write():
+    """SIGTERM arriving inside torch.save made the zip writer fail and was reported as a disk error."""
+    import signal as signals
+    from common import dist
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with dist.uninterrupted():
+            dist._interrupt(signals.SIGTERM, None)  # what the handler does when the signal arrives
+            done.append("the write finished")
+    assert done == ["the write finished"]
+    with pytest.raises(KeyboardInterrupt):
+        dist._interrupt(signals.SIGTERM, None)  # outside a write: stop at once
