@@ -51,9 +51,9 @@ from common.data import (DataError, FreshCrops, TaggedSampler, eval_sets, evalua
 from common.dist import (EpochSums, epoch_generator, maybe_compile, on_every_rank, run_main,
                          seed_rank_epoch, seeded, unwrap)
 from common.labels import (CODECS, LabelStore, StoreError, StoredCrops, check_for_training,
-                           decode_stored_batch, default_store_path, describe_store, encode, failing_tells_the_others,
-                           failure_marker, label_identity, lock_store, open_for_generation, open_shared,
-                           show_labels, teacher_identity)
+                           decode_stored_batch, default_store_path, describe_store, encode,
+                           failing_tells_the_others, failure_marker, label_identity, lock_store,
+                           open_for_generation, open_shared, show_labels, teacher_identity)
 from common.models import (ModelError, create, describe_data_config, init_spec, load_teachers,
                            make_optimizer, normalize, param_groups, teacher_logits)
 
@@ -187,8 +187,9 @@ def generate_labels(args, ctx, train_set, teachers, store):
         ctx.print("waiting for the other processes to finish their shares of the labels")
         store.wait_until_complete(poll_seconds=1.0 if len(todo) < 10_000 else 10.0)
     elapsed = time.time() - start
-    ctx.print(f"labels done: {len(todo)} images in {elapsed:.0f}s ({len(todo) * args.stored_crops / max(elapsed, 1e-9):.0f}"
-              f" crops/s), {store.bytes_per_crop():.1f} bytes/crop")
+    rate = len(todo) * args.stored_crops / max(elapsed, 1e-9)
+    ctx.print(f"labels done: {len(todo)} images in {elapsed:.0f}s ({rate:.0f} crops/s), "
+              f"{store.bytes_per_crop():.1f} bytes/crop")
     return LabelStore.open(store.path)
 
 
@@ -245,7 +246,8 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
                                    model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     start_epoch, best = checkpoint.restore(student.num_classes)
     if ctx.distributed:
-        model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        gpu = [ctx.device.index] if ctx.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=gpu)
     model, autocast = maybe_compile(model, args), ctx.autocast(args)
     scores_classes = unwrap(model).num_classes == num_classes  # not for SSL labels of another width
     data, sampler, loader_crops, metrics, run_start = None, None, None, {}, time.time()
@@ -396,10 +398,10 @@ def lr_rule(args, recipe):
 def describe_recipe(args, explicit):
     """One line: the recipe in use and every value that differs from it."""
     recipe = RECIPES[args.recipe]
-    same = lambda a, b: list(a) == list(b) if isinstance(b, (list, tuple)) and isinstance(a, (list, tuple)) else a == b  # noqa: E731,E501
+    listed = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     diffs = [f"--{key.replace('_', '-')} {getattr(args, key)} (recipe {value})" for key, value in recipe.items()
              if key not in ("reported", "lr_rule", "label_batch", "workers") and key in explicit
-             and not same(getattr(args, key), value)]
+             and listed(getattr(args, key)) != listed(value)]
     base, per = lr_rule(args, recipe)
     if "lr" in explicit or args.opt != recipe["opt"]:
         diffs.append(f"--lr {args.lr:g} (recipe {base:g} x batch/{per})")
@@ -426,7 +428,8 @@ def check_args(args, explicit, world):
             (args.stores == "probs" and "label_dim" in explicit, "--label-dim is for --stores logits only"),
             (args.mode == "import" and not args.import_from,
              "--mode import needs --import-from DIR (the folder of the released labels)"),
-            (args.resume and args.overwrite, "--resume continues a run and --overwrite starts it over; pass only one")):
+            (args.resume and args.overwrite,
+             "--resume continues a run and --overwrite starts it over; pass only one")):
         if bad:
             raise SystemExit(f"error: {message}")
 
@@ -442,7 +445,8 @@ def data_tag(data):
 
 def main(argv=None):
     args, explicit = parse_args(argv)
-    run_main(lambda ctx: run(args, explicit, ctx), args, (DataError, ModelError, StoreError, FloatingPointError))
+    run_main(lambda ctx: run(args, explicit, ctx), args,
+             (DataError, ModelError, StoreError, FloatingPointError))
 
 
 def build_student(args, ctx, root, train_set, label_dim):
@@ -460,8 +464,9 @@ def build_student(args, ctx, root, train_set, label_dim):
                                                      data_config_source="the recipe and flags")))
     val_sets = {}
     if label_dim == len(train_set.classes):  # SSL labels of another width: the student predicts no classes
-        val_sets = eval_sets(root, args.val_data, eval_transform(args.input_size, cfg["crop_pct"], cfg["interpolation"]),
-                             train_set.classes, args.batch_size, args.workers, ctx)
+        transform = eval_transform(args.input_size, cfg["crop_pct"], cfg["interpolation"])
+        val_sets = eval_sets(root, args.val_data, transform, train_set.classes, args.batch_size, args.workers,
+                             ctx)
     else:
         ctx.print(f"note: the student learns {label_dim}-d teacher outputs, not the {len(train_set.classes)} "
                   f"classes: no val accuracy (evaluate its features with a linear probe)")
@@ -519,9 +524,10 @@ def run(args, explicit, ctx):
     if args.mode in ("fkd", "online", "ce") or args.eval_only:
         student, student_cfg, val_sets = build_student(args, ctx, root, train_set, label_dim)
     if args.eval_only:
-        result = evaluate(student.to(ctx.device), val_sets["val"], ctx, student_cfg["mean"], student_cfg["std"], args)
-        return ctx.print(f"eval {args.init or args.arch}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
-                         f"on {result['count']} images")
+        result = evaluate(student.to(ctx.device), val_sets["val"], ctx, student_cfg["mean"], student_cfg["std"],
+                          args)
+        return ctx.print(f"eval {args.init or args.arch}: top-1 {result['top1']:.2f}% "
+                         f"top-5 {result['top5']:.2f}% on {result['count']} images")
     if args.mode != "label":  # before any labelling: a bad --out is reported now, and OUT is locked
         args.out = ckpt.resolve_out(args.out, os.path.join("runs", f"fkd_{data_tag(args.data)}_{args.mode}"),
                                     ctx, args.resume)
@@ -529,8 +535,8 @@ def run(args, explicit, ctx):
     store = None
     precision = ctx.teacher_autocast(args)[1]
     if args.mode in ("fkd", "label", "show"):
-        args.labels = ctx.broadcast_object(args.labels or default_store_path(data_tag(args.data), root, args,
-                                                                             teachers_identity, label_dim, precision))
+        args.labels = ctx.broadcast_object(args.labels or default_store_path(
+            data_tag(args.data), root, args, teachers_identity, label_dim, precision))
         # rank 0 decides for the job: every rank then opens the same store, or all stop in one sentence
         if on_every_rank(ctx, lambda: store_is_ready(args), (StoreError, OSError), StoreError, share_result=True):
             store = open_shared(ctx, args.labels)

@@ -7,7 +7,6 @@ normalized on the training device.
 import math
 import os
 import random
-import signal
 
 import numpy as np
 import torch
@@ -178,14 +177,7 @@ def loader(dataset, batch_size, workers, sampler=None, device=None, drop_last=Fa
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         pin_memory=device is not None and device.type == "cuda", drop_last=drop_last,
-        persistent_workers=persistent and workers > 0, worker_init_fn=worker_ignores_sigterm)
-
-
-def worker_ignores_sigterm(worker_id):
-    """A scheduler's SIGTERM goes to the whole process group: the main process turns it into a clean
-    stop (common.dist.run_main) and ends its workers itself, instead of a worker dying first and
-    the loader printing its traceback."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        persistent_workers=persistent and workers > 0)
 
 
 def eval_loader(dataset, batch_size, workers, ctx, persistent=True):

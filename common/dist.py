@@ -167,6 +167,9 @@ def run_main(work, args, errors):
         ctx = setup(args.device, getattr(args, "threads", None))
         work(ctx)
     except KeyboardInterrupt:
+        # a SIGTERM to the process group also ended the loader workers: their iterator's teardown
+        # would print an "Exception ignored" traceback; the run is stopping, say only how to resume
+        sys.unraisablehook = lambda unraisable: None
         raise SystemExit(INTERRUPTED) from None
     except errors as error:
         raise SystemExit(f"error: {one_sentence(error)}") from None
