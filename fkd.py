@@ -249,6 +249,7 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
         gpu = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=gpu)
     model, autocast = maybe_compile(model, args), ctx.autocast(args)
+    teacher_autocast = ctx.teacher_autocast(args)[0]  # online KD's teachers: fp32 unless --teacher-amp
     scores_classes = unwrap(model).num_classes == num_classes  # not for SSL labels of another width
     data, sampler, loader_crops, metrics, run_start = None, None, None, {}, time.time()
     position = 0  # crops consumed per image so far (the non-overlapping schedule's stream position)
@@ -268,7 +269,7 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
         sums, pass_start = EpochSums(ctx.device), time.time()
         for batch in ctx.bar(data, desc=f"epoch {epoch + 1}-{epoch + covered}/{args.epochs}"):
             crops, targets, labels = batch_targets(args, batch, store, teachers, num_classes, ctx.device,
-                                                   ctx.teacher_autocast(args)[0])
+                                                   teacher_autocast)
             images = normalize(crops, student_cfg["mean"], student_cfg["std"])
             if args.mixup > 0 or args.cutmix > 0:
                 images, targets = mix_batch(images, targets, args.mixup, args.cutmix, mix_generator)
