@@ -563,3 +563,16 @@ def test_no_disc_and_torchrun(tiny_data, two_teachers, ensemble_store, tmp_path)
                               "--labels", str(ensemble_store), "--num-crops", "2", *teacher_flags(two_teachers),
                               *TINY_RANDOM, "--epochs", "2", "--lr-drop-epoch", "2"])
     assert metrics(tmp_path / "ddp_labels")[0]["epoch"] == 2  # one pass of 2 stored crops per image
+
+
+def test_fast_meal_v2_schedule_is_the_official_fkd_train_command():
+    """MEAL-V2's README runs FKD_train.py with --epochs 200 --schedule 100 180 at lr 0.01 (batch 512);
+    its adjust_learning_rate: lr *= 0.1 for each milestone <= epoch. Rebuilt here, per epoch."""
+    args = meal_v2.parse_args(["--data", "/x", "--labels", "/store"])
+    assert (args.epochs, args.lr_drop_epoch, args.batch_size) == (200, [100, 180], 512)
+    official = [0.01 * 0.1 ** ((epoch >= 100) + (epoch >= 180)) for epoch in range(200)]
+    ours = {}
+    for start, m in meal_v2.pass_plan(args.epochs, args.num_crops, args.lr_drop_epoch):
+        for epoch in range(start, start + m):  # the lr is constant within a pass: no pass straddles a drop
+            ours[epoch] = args.lr * 0.1 ** sum(start >= drop for drop in args.lr_drop_epoch)
+    assert [ours[e] for e in range(200)] == pytest.approx(official, rel=1e-12)
