@@ -403,7 +403,7 @@ def train(args, ctx, net, train_set, val_sets, num_classes, out, losses, ramp=No
         scheduler.step()
         seen, *totals, correct = ctx.all_reduce_sum([steps * batch] + sums.tolist())
         ckpt.check_finite(totals[0], epoch, out)
-        metrics = {"epoch": epoch + 1, "lr": lr, **({"alpha": alpha, "beta": beta} if seg else {}),
+        metrics = {"epoch": epoch + 1, "lr": lr, **({"alpha": alpha, "beta": beta} if ramp else {}),
                    **{f"train_{name}": total / seen for name, total in zip(TERMS, totals)},
                    **({} if seg else {"train_top1": 100 * correct / seen}),
                    "train_time": time.time() - epoch_start, **evaluate_sets(model, val_sets, ctx, args)}
@@ -454,8 +454,10 @@ def prepare_classification(args, ctx):
     val_sets = {name: eval_loader(image_folder(folder, split, val_tf, train_set.classes),
                                   args.batch_size, args.workers, ctx) for name, folder, split in folders}
     classes = len(train_set.classes)
-    return lambda run_args, out: train(run_args, ctx, build_net(run_args, classes), train_set, val_sets,
-                                       classes, out, (soft_cross_entropy, frskd_loss), data_config=cfg)
+    return lambda run_args, out: train(  # --warmup-epochs: not in the official classification code
+        run_args, ctx, build_net(run_args, classes), train_set, val_sets, classes, out,
+        (soft_cross_entropy, frskd_loss), (lambda e: float(e >= run_args.warmup_epochs)) if
+        run_args.warmup_epochs else None, data_config=cfg)
 
 
 # --- Segmentation (paper Sec. 4.2, Table 4; Appendix, Implementation Details) ---------------------
@@ -689,7 +691,6 @@ SEGMENTATION_ONLY = [  # declared as FLAGS below
      "NAME=PATH, or 'none' (random init)"),
     ("--num-classes", flags.positive_int, "classes incl. background (VOC: 21)"),
     ("--bifpn-layers", flags.positive_int, "the classifier network's BiFPN layers (VOC: 3)"),
-    ("--warmup-epochs", flags.nonneg_int, "epochs with alpha = beta = 0 (VOC: 40)"),
     ("--accum-steps", flags.positive_int, "micro-batches whose gradients make one SGD step (VOC: 2)"),
     ("--clip-value", flags.positive_float, "gradient value clipping (VOC: 2.0)"),
     ("--crop-size", flags.positive_int, "training crop and validation size (VOC: 512)"),
@@ -741,6 +742,8 @@ FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or
     ("--beta", flags.nonneg_float, "feature distillation weight of Eq. 5; 0 = FRSKD\\F"),
     ("--temperature", flags.positive_float, "K of Eq. 4 (segmentation: 1)", dict(default=4.0)),
     ("--baseline", "store_true", "plain cross-entropy, no self-teacher"),
+    ("--warmup-epochs", flags.nonneg_int, "epochs with alpha = beta = 0, then full weight (classification; "
+     "0 = official) or the official ramp (segmentation; VOC: 40)", dict(default=0)),
     ("--epochs", flags.positive_int, ""),
     ("--batch-size", flags.positive_int, "global batch of one SGD step"),
     ("--lr", flags.positive_float, "learning rate (segmentation: 0.01)", dict(default=0.1)),
@@ -779,7 +782,7 @@ def parse_args(argv=None):
         if getattr(args, dest) != p.get_default(dest):
             p.error(f"{flag} applies to classification only, not --task segmentation" if seg else
                     f"{flag} applies to --task segmentation only")
-    if seg and not args.baseline and args.warmup_epochs >= args.epochs:
+    if args.warmup_epochs and not args.baseline and args.warmup_epochs >= args.epochs:
         p.error(f"--epochs {args.epochs} ends within the distillation warm-up of {args.warmup_epochs} epochs "
                 f"(alpha = beta = 0 until then): FRSKD would never distil; pass more --epochs or a smaller "
                 f"--warmup-epochs")

@@ -471,3 +471,19 @@ def test_demo_trains_frskd_then_the_baseline_with_the_same_flags(tmp_path, monke
     assert "val_self_teacher_top1" not in summary["baseline"]["final"]
     for run in ("frskd", "baseline"):
         assert [json.loads(r)["epoch"] for r in open(out / run / "metrics.jsonl")] == [1]
+
+
+def test_classification_distillation_warmup_holds_alpha_and_beta_at_zero_then_full(tiny_data, tmp_path):
+    """--warmup-epochs N (not in the official classification code; default 0): Eq. 5 without its
+    distillation terms for N epochs, then at full weight; 0 leaves every epoch at full weight."""
+    frskd.main(["--data", tiny_data, "--out", str(tmp_path / "w"), *TINY, "--workers", "0", "--warmup-epochs",
+                "1", "--alpha", "3", "--beta", "100", "--device", "cpu"])
+    first, second = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
+    assert (first["alpha"], first["beta"], second["alpha"], second["beta"]) == (0.0, 0.0, 3.0, 100.0)
+    assert first["train_kd"] > 0 and first["train_loss"] == pytest.approx(
+        first["train_ce"] + first["train_ce_self_teacher"], rel=1e-5)
+    assert second["train_loss"] == pytest.approx(second["train_ce"] + second["train_ce_self_teacher"] + 3 *
+                                                 second["train_kd"] + 100 * second["train_feature"], rel=1e-5)
+    assert frskd.parse_args(["--data", "x"]).warmup_epochs == 0  # the official default
+    with pytest.raises(SystemExit):  # a warm-up as long as the run would never distil: refused
+        frskd.parse_args(["--data", "x", "--epochs", "2", "--warmup-epochs", "2"])
