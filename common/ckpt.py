@@ -25,15 +25,13 @@ import sys
 
 import torch
 
-from .dist import uninterrupted
+from .dist import on_every_rank, uninterrupted
 from .models import ModelError, read_checkpoint
 
 INTERRUPTED = ("interrupted; run the same command with --resume auto to continue from the last "
                "completed epoch")
 
-# Flags that may differ between a run and its resume: where and how fast it runs, not what it
-# computes (AMP and torch.compile change speed and rounding only, so a run saved without --amp
-# may continue with it). Every other flag must equal the checkpoint's.
+# AMP and torch.compile change speed and rounding only, so a run saved without --amp may continue with it
 RESUMABLE_FLAGS = frozenset({
     "workers", "device", "stop_epoch", "resume", "overwrite", "out", "val_data", "eval_only",
     "amp", "amp_dtype", "compile", "threads", "label_batch", "flush_every", "show_images",
@@ -51,8 +49,7 @@ class CheckpointError(ModelError):
 
 # --- Writing files without losing the previous version --------------------------------------------
 def save_atomic(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a kill never leaves a half-written
-    file, and a failed write (full disk, quota) leaves no temporary file and the old file intact."""
+    """torch.save, atomically (above); a failed write (full disk, quota) leaves no temporary file."""
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     with uninterrupted():  # a Ctrl-C or SIGTERM now stops the run after the write, not inside it
@@ -100,9 +97,7 @@ _held_locks = {}  # realpath -> open lock file, kept for the life of the process
 
 
 def lock_out(out):
-    """Hold an exclusive advisory lock on OUT/.lock until the process ends (re-entrant). Held by
-    another process: CheckpointError naming OUT and its pid. A filesystem without working locks: a
-    warning (returned), the run goes on."""
+    """Lock OUT/.lock for this process (re-entrant); a warning (returned) where the filesystem cannot."""
     try:
         return hold_lock(os.path.join(out, ".lock"), os.path.realpath(out), "another run",
                          "wait for it to end, or pass another --out", f"{out}")
@@ -131,8 +126,7 @@ def hold_lock(path, key, holder_kind, fix, what):
         handle.close()
         return (f"note: cannot lock {what} on this filesystem ({error.strerror}); make sure no other "
                 f"run uses it at the same time")
-    handle.seek(0)
-    handle.truncate()
+    handle.truncate(0)
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     _held_locks[key] = handle
@@ -147,7 +141,7 @@ def release_out(out):
 
 
 def release_all():
-    """Release every output-folder lock this process holds (the end of a run: common.dist.cleanup)."""
+    """Release every lock this process holds (the end of a run: common.dist.cleanup)."""
     for key in list(_held_locks):
         _held_locks.pop(key).close()
 
@@ -175,56 +169,41 @@ def fresh_run(base, now=None):
     raise CheckpointError(f"cannot find a free run folder under {base}; pass --out")
 
 
-def share_decision(ctx, path, error, note):
-    """Send rank 0's (path, error, note) to every rank: every rank raises the same error (no rank
-    waits for another), rank 0 prints the note; returns the path."""
-    path, error, note = ctx.broadcast_object((path, error, note))
-    if error:
-        raise CheckpointError(error)
+def resolve_out(out, base, ctx, resume=None):
+    """The run's output folder, created and locked (rank 0 decides, every rank gets the answer or
+    the error): `out` as is; else `--resume auto` continues the newest run under `base`, `--resume
+    PATH` writes next to PATH, and a plain start gets a fresh `base/YYYYmmdd-HHMMSS`."""
+    def choose():
+        if out:
+            path = out
+        elif resume == "auto":
+            path = newest_run(base) or fresh_run(base)
+        elif resume:
+            path = resume if os.path.isdir(resume) else (os.path.dirname(resume) or ".")
+        else:
+            path = fresh_run(base)
+        make_out_folder(path)
+        return path, lock_out(path)
+    path, note = on_every_rank(ctx, choose, CheckpointError, CheckpointError, share_result=True)
     if note:
         ctx.print(note)
-    return path
-
-
-def resolve_out(out, base, ctx, resume=None):
-    """The run's output folder, created and locked (rank 0 decides; every rank gets the answer):
-    `out` as is (starting over a run there is refused later without --overwrite); else `--resume
-    auto` continues the newest run under `base`, `--resume PATH` writes next to PATH, and a plain
-    start gets a fresh `base/YYYYmmdd-HHMMSS`, so a command can always be run again."""
-    path, error, note = None, None, None
-    if ctx.main:
-        try:
-            if out:
-                path = out
-            elif resume == "auto":
-                path = newest_run(base) or fresh_run(base)
-            elif resume:
-                path = resume if os.path.isdir(resume) else (os.path.dirname(resume) or ".")
-            else:
-                path = fresh_run(base)
-            make_out_folder(path)
-            note = lock_out(path)
-        except CheckpointError as exc:
-            error = str(exc)
-    path = share_decision(ctx, path, error, note)
     if not out:
         ctx.print(f"output folder: {path}")
     return path
 
 
 def prepare_out(out, resume, overwrite):
-    """Create the output folder; refuse to start over another run's checkpoint unless told to.
-    Returns the checkpoint to resume from (or None)."""
+    """Create OUT; refuse to start over another run's checkpoint unless told to. Returns the
+    checkpoint to resume from (or None)."""
     if resume and overwrite:
         raise CheckpointError("--resume continues a run and --overwrite starts it over; pass only one")
     make_out_folder(out)
-    last = os.path.join(out, "last.pth")
     for name in os.listdir(out):  # OUT is locked: a temporary file is a killed run's half-written one
         if re.fullmatch(r"(last|best)\.pth\.tmp\d+|metrics\.jsonl\.tmp", name):
             os.remove(os.path.join(out, name))
     written = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
     if resume:
-        path = last if resume == "auto" else resume
+        path = os.path.join(out, "last.pth") if resume == "auto" else resume
         if resume == "auto" and not os.path.exists(path):
             kept = [name for name in written if name != "metrics.jsonl"]  # a log alone: killed before epoch 1's save
             if kept:
@@ -311,16 +290,14 @@ def check_resume(checkpoint, path, args, script):
 def load_into(obj, state, name, path):
     """Load one saved state into a model/optimizer/scheduler/scaler/generator, one-sentence errors."""
     if isinstance(obj, torch.Generator):
-        obj.set_state(state)
-        return
+        return obj.set_state(state)
     if isinstance(obj, torch.amp.GradScaler) and not state:
         return  # saved without --amp (a disabled scaler saves {}): this run's scaler starts fresh
     try:
         obj.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if len(first) > 160:
-            first = first[:157] + "..."
+        first = first[:157] + "..." if len(first) > 160 else first
         raise CheckpointError(f"--resume {path} does not fit this run's {name} ({first}); pass a "
                               f"checkpoint written by the same script with the same --arch") from None
 
@@ -372,28 +349,25 @@ class Checkpointer:
     """Saves and restores everything a resumed run needs: `objects` (model, optimizers, schedulers,
     GradScaler: state_dict(); torch.Generator: get_state()) in OUT/last.pth with the epoch, best
     metric, flags (`args`) and script name; the model alone (+ its data config) in OUT/best.pth,
-    loadable as `ARCH=OUT/best.pth` by any script here.
-
-    Constructing it locks OUT (rank 0, for the life of the process), refuses to start over a run's
-    checkpoint without --overwrite and checks a resume against the flags (RESUMABLE_FLAGS); errors
-    are raised on every rank, so no rank waits for another."""
+    loadable as `ARCH=OUT/best.pth` by any script here. Constructing it locks OUT, refuses to start
+    over a run without --overwrite and checks a resume against the flags, raising on every rank."""
 
     def __init__(self, out, ctx, resume=None, overwrite=False, args=None, **objects):
-        self.out, self.ctx, self.args, self.objects = out, ctx, args, objects
+        self.out, self.ctx, self.objects, self._state = out, ctx, objects, None
         self.script = os.path.basename(sys._getframe(1).f_code.co_filename)  # the calling method file
-        self._state = None
-        path, error, note = None, None, None
-        if ctx.main:
-            try:
-                make_out_folder(out)
-                note = lock_out(out)
-                path = prepare_out(out, resume, overwrite)
-                if path:
-                    self._state = load_resume(path)
-                    check_resume(self._state, path, args, self.script)
-            except ModelError as exc:  # also CheckpointError and read_checkpoint's errors
-                error = str(exc)
-        self.resume_path = share_decision(ctx, path, error, note)
+
+        def open_run():
+            make_out_folder(out)
+            note = lock_out(out)
+            path = prepare_out(out, resume, overwrite)
+            if path:
+                self._state = load_resume(path)
+                check_resume(self._state, path, args, self.script)
+            return path, note
+        # ModelError: also CheckpointError and read_checkpoint's errors
+        self.resume_path, note = on_every_rank(ctx, open_run, ModelError, CheckpointError, share_result=True)
+        if note:
+            ctx.print(note)
         self.log = MetricsLog(out, ctx.main)
 
     def restore(self, num_classes=None):
@@ -426,19 +400,15 @@ class Checkpointer:
     def end_epoch(self, metrics, best, args, score="val_top1", **meta):
         """Log and print the epoch's metrics, checkpoint (best.pth by metrics[score]: top-1, or e.g.
         val_miou), wait for all ranks. Returns True when --stop-epoch says to stop here."""
-        epoch, error = metrics["epoch"], None
-        try:  # rank 0 writes; its outcome reaches every rank (a write error never leaves them waiting)
+        def write():  # on rank 0; a write error reaches every rank (never leaves them waiting)
             self.log.append(metrics)
             self.ctx.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-            self.save(epoch, metrics[score], best, args, **meta)
-        except CheckpointError as exc:
-            error = str(exc)
-        error = self.ctx.broadcast_object(error)
-        if error:
-            raise CheckpointError(error)
-        stop = args.stop_epoch is not None and epoch >= args.stop_epoch
+            self.save(metrics["epoch"], metrics[score], best, args, **meta)
+        on_every_rank(self.ctx, write, CheckpointError, CheckpointError)
+        stop = args.stop_epoch is not None and metrics["epoch"] >= args.stop_epoch
         if stop:
-            self.ctx.print(f"stopping after epoch {epoch} (--stop-epoch); continue with --resume auto")
+            self.ctx.print(f"stopping after epoch {metrics['epoch']} (--stop-epoch); continue with "
+                           f"--resume auto")
         return stop
 
     def save(self, epoch, top1, best, args, **meta):

@@ -1,11 +1,8 @@
 """Random-resized-crop sampling that depends only on (seed, image index, stream, crop index), and
-exact replay.
-
-A crop is an integer pixel box of the original image (top, left, height, width) plus a flip bit,
-so the label-generation phase and the training phase cut exactly the same region (FKD Sec. 3.1).
-Replay is crop-then-resize, the same pixels as torchvision's `resized_crop` on a PIL image, which
-is what the official code runs in both phases.
-"""
+exact replay. A crop is an integer pixel box of the original image (top, left, height, width) plus a
+flip bit, so label generation and training cut exactly the same region (FKD Sec. 3.1). Replay is
+crop-then-resize, the same pixels as torchvision's `resized_crop` on a PIL image, which is what the
+official code runs in both phases."""
 import math
 
 import numpy as np
@@ -32,41 +29,29 @@ def sample_crops(seed, index, width, height, num_crops, scale=(0.08, 1.0), ratio
     area_frac = scale[0] + (scale[1] - scale[0]) * u[:, :ATTEMPTS]
     log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, ATTEMPTS:2 * ATTEMPTS]
     pos, flips = u[:, 2 * ATTEMPTS:2 * ATTEMPTS + 2], u[:, -1] < 0.5
-
-    area = width * height * area_frac
-    aspect = np.exp(log_ratio)
+    area, aspect = width * height * area_frac, np.exp(log_ratio)
     w = np.rint(np.sqrt(area * aspect)).astype(np.int64)
     h = np.rint(np.sqrt(area / aspect)).astype(np.int64)
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first = ok.argmax(axis=1)
-    rows = np.arange(num_crops)
-    w, h = w[rows, first], h[rows, first]
+    first = ok.argmax(axis=1)  # the first attempt that fits
+    w, h = w[np.arange(num_crops), first], h[np.arange(num_crops), first]
 
     # Fallback (no attempt fitted): the largest centered box whose ratio is clamped to `ratio`.
-    bad = ~ok.any(axis=1)
-    if bad.any():
-        in_ratio = width / height
-        w[bad], h[bad] = ((width, int(round(width / ratio[0]))) if in_ratio < ratio[0] else
-                          (int(round(height * ratio[1])), height) if in_ratio > ratio[1] else
-                          (width, height))
-
+    bad, in_ratio = ~ok.any(axis=1), width / height
+    w[bad], h[bad] = ((width, int(round(width / ratio[0]))) if in_ratio < ratio[0] else
+                      (int(round(height * ratio[1])), height) if in_ratio > ratio[1] else (width, height))
     top = np.floor(pos[:, 0] * (height - h + 1)).astype(np.int64)
     left = np.floor(pos[:, 1] * (width - w + 1)).astype(np.int64)
     top[bad], left[bad] = (height - h[bad]) // 2, (width - w[bad]) // 2
-    boxes = np.stack([top, left, h, w], axis=1)
-    return boxes, flips
+    return np.stack([top, left, h, w], axis=1), flips
 
 
 def replay_crops(image, boxes, flips, size, interpolation="bilinear"):
-    """Cut the recorded boxes out of an image, resize each to size x size, apply its flip.
-
-    `image`: a PIL RGB image (the path every loader uses: crop, then PIL's resize, the same bytes as
-    torchvision's `resized_crop` on PIL, which the official code runs; resizing with
-    `resize(box=...)` instead would let the filter read pixels outside the box at its borders)
-    or a uint8 CHW tensor on any device (torchvision's antialiased tensor resize).
-    Returns uint8 [len(boxes), C, size, size]. The same input always gives the same bytes, so label
-    generation and training see identical crops.
-    """
+    """Cut the recorded boxes out of an image, resize each to size x size, apply its flip -> uint8
+    [len(boxes), C, size, size], the same bytes for the same input (generation and training see the
+    same crops). `image`: a PIL RGB image (what every loader uses: crop, then PIL's resize, see the
+    module docstring; `resize(box=...)` instead would let the filter read pixels outside the box at
+    its borders) or a uint8 CHW tensor on any device (torchvision's antialiased tensor resize)."""
     boxes = np.asarray(boxes).tolist()
     if isinstance(image, Image.Image):
         resample = getattr(Image, interpolation.upper())  # Image.BILINEAR, Image.BICUBIC, ...

@@ -6,7 +6,6 @@ normalized on the training device.
 """
 import math
 import os
-import random
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from .crops import replay_crops, sample_crops
-from .dist import derive_seed
+from .dist import derive_seed, seeded
 from .models import normalize
 
 
@@ -97,18 +96,10 @@ def eval_transform(size, crop_pct=0.875, interpolation="bilinear"):
     ])
 
 
-class ShardSampler(Sampler):
+def ShardSampler(n, rank=0, world=1):  # a range is a sampler
     """Contiguous, unpadded shard of range(n) for this rank: every sample is seen exactly once
     across ranks (DistributedSampler pads and would count some images twice)."""
-
-    def __init__(self, n, rank=0, world=1):
-        self.start, self.stop = n * rank // world, n * (rank + 1) // world
-
-    def __iter__(self):
-        return iter(range(self.start, self.stop))
-
-    def __len__(self):
-        return self.stop - self.start
+    return range(n * rank // world, n * (rank + 1) // world)
 
 
 class TaggedSampler(Sampler):
@@ -142,11 +133,10 @@ def item_and_tag(item, dataset):
 
 
 class SeededItems(Dataset):
-    """Item (index, epoch) -> dataset[index] with torch's and python's RNGs seeded from (seed, rank,
-    epoch, index) for that one call, the caller's streams left untouched. For datasets with random
-    torchvision transforms: an image's augmentation then depends on those alone, never on worker
-    count, persistent workers or a resume (a resumed run sees the same crops as an uninterrupted
-    one), and two ranks never draw the same stream. Use with TaggedSampler, `set_epoch(epoch, epoch)`."""
+    """Item (index, epoch) -> dataset[index] run `seeded` by (seed, rank, epoch, index): random
+    torchvision transforms draw the same in a resumed run as in an uninterrupted one, whatever the
+    worker count or persistent workers, and two ranks never the same stream. Use with TaggedSampler,
+    `set_epoch(epoch, epoch)`."""
 
     def __init__(self, dataset, seed, rank=0):
         self.dataset, self.seed, self.rank = dataset, seed, rank
@@ -155,18 +145,9 @@ class SeededItems(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item):
-        if not isinstance(item, tuple):
-            raise TypeError("SeededItems takes (index, epoch) items: wrap the sampler in TaggedSampler")
-        index, epoch = item
-        state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            seed = derive_seed(self.seed, self.rank, epoch, index)
-            torch.manual_seed(seed)
-            random.seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(state)
+        index, epoch = item_and_tag(item, "SeededItems")
+        with seeded(derive_seed(self.seed, self.rank, epoch, index)):
+            return self.dataset[index]
 
 
 def loader(dataset, batch_size, workers, sampler=None, device=None, drop_last=False, persistent=True):
@@ -186,19 +167,13 @@ def eval_loader(dataset, batch_size, workers, ctx, persistent=True):
 
 
 @torch.no_grad()
-def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval", heads=1):
-    """Top-1 / top-5 (%) over the whole split, each image counted once across ranks.
-
-    `heads` > 1: the model returns a tuple of that many logits, all scored in the same pass, and
-    the result is a list of dicts, one per head. Hit counts stay on the device and are read
-    once at the end (no GPU-to-CPU sync per batch). `amp`: True/False, or the run's args (then
-    --amp-dtype applies too)."""
-    if ctx.distributed:  # rank 0's BN statistics everywhere: the ones its checkpoint holds
-        for buffer in model.buffers():  # (a DDP forward broadcasts them only at its start)
-            torch.distributed.broadcast(buffer, 0)
+def sum_over_split(model, data_loader, ctx, mean, std, amp, desc, heads, score, shape):
+    """[heads, *shape] float64 sums of score(logits, targets) (int64 [*shape]) over the whole split,
+    each image once across ranks (`eval_loader`). `model` returns a tuple of `heads` logits when
+    heads > 1, all scored in one pass. Sums stay on the device and are all-reduced once at the end
+    (no GPU-to-CPU sync per batch). `amp`: True/False, or the run's args (--amp, --amp-dtype)."""
     model.eval()
-    hits_sum = torch.zeros(2 * heads, dtype=torch.int64, device=ctx.device)  # top-1 per head, then top-5
-    total = 0
+    sums = torch.zeros(heads, *shape, dtype=torch.int64, device=ctx.device)
     autocast = ctx.autocast(amp) if not isinstance(amp, bool) else \
         torch.autocast(ctx.device.type, enabled=amp and ctx.device.type == "cuda")
     for images, targets in ctx.bar(data_loader, desc=desc):
@@ -207,13 +182,24 @@ def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval", heads=1
         with autocast:
             outputs = model(images)
         for head, logits in enumerate(outputs if heads > 1 else (outputs,)):
-            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
-            hits_sum[head] += hits[:, 0].sum()
-            hits_sum[heads + head] += hits.any(dim=1).sum()
-        total += len(targets)
-    *sums, total = ctx.all_reduce_sum(hits_sum.tolist() + [total])
-    results = [{"top1": 100.0 * sums[h] / max(total, 1), "top5": 100.0 * sums[heads + h] / max(total, 1),
-                "count": int(total)} for h in range(heads)]
+            sums[head] += score(logits, targets)
+    return torch.tensor(ctx.all_reduce_sum(sums.flatten().tolist()), dtype=torch.float64).reshape(sums.shape)
+
+
+def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval", heads=1):
+    """Top-1 / top-5 (%) and the image count over the whole split (sum_over_split); a list of
+    dicts, one per head, when heads > 1."""
+    if ctx.distributed:  # rank 0's BN statistics everywhere: the ones its checkpoint holds
+        for buffer in model.buffers():  # (a DDP forward broadcasts them only at its start)
+            torch.distributed.broadcast(buffer, 0)
+
+    def hits(logits, targets):  # top-1 hits, top-5 hits, images
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+        images = torch.full((), len(targets), dtype=torch.int64, device=top.device)
+        return torch.stack([top[:, 0].sum(), top.any(dim=1).sum(), images])
+    sums = sum_over_split(model, data_loader, ctx, mean, std, amp, desc, heads, hits, (3,))
+    results = [{"top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1), "count": int(n)}
+               for top1, top5, n in sums.tolist()]
     return results if heads > 1 else results[0]
 
 
@@ -229,11 +215,8 @@ def eval_sets(root, extra_roots, transform, classes, batch_size, workers, ctx):
 def evaluate_sets(model, val_sets, ctx, mean, std, amp=False):
     """evaluate() on each named loader ({"val": ..., "extra0": ...}): one dict with NAME_top1,
     NAME_top5 and NAME_count per set, the keys of the per-epoch metrics log."""
-    metrics = {}
-    for name, data_loader in val_sets.items():
-        result = evaluate(model, data_loader, ctx, mean, std, amp, desc=name)
-        metrics.update({f"{name}_{key}": result[key] for key in ("top1", "top5", "count")})
-    return metrics
+    return {f"{name}_{key}": value for name, data_loader in val_sets.items()
+            for key, value in evaluate(model, data_loader, ctx, mean, std, amp, desc=name).items()}
 
 
 def train_transform(size, scale=(0.08, 1.0), interpolation="bilinear"):

@@ -99,8 +99,7 @@ def cluttered_background(rng, size):
     Returns the PIL image, a drawing context on it, and the base color (for cut-outs)."""
     base = rng.integers(40, 216, 3)
     grad = np.linspace(-30, 30, size)[None, :, None] * rng.choice([-1, 1], 3)
-    noisy = base + grad + rng.normal(0, 10, (size, size, 3))
-    img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    img = Image.fromarray(np.clip(base + grad + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     background = tuple(int(v) for v in base)
     for _ in range(rng.integers(6, 14)):  # clutter: strokes and small blobs, no class shapes
@@ -151,14 +150,12 @@ def train_teacher(arch, root, epochs, seed=0, batch_size=64, lr=0.1, log=print):
     targets = torch.tensor(train.targets)
     torch.manual_seed(seed)
     model, _ = create(arch, len(train.classes), pretrained_head="none")
-    steps = epochs * (len(images) // batch_size)
+    batches = len(images) // batch_size  # per epoch
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.15)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * batches, pct_start=0.15)
     model.train()
     for epoch in range(epochs):
-        order = torch.randperm(len(images)).tolist()
-        for b in range(len(images) // batch_size):
-            batch = order[b * batch_size:(b + 1) * batch_size]
+        for batch in torch.randperm(len(images))[:batches * batch_size].view(batches, batch_size).tolist():
             crops = torch.cat([replay_crops(images[i], *sample_crops(seed, i, IMAGE_SIZE, IMAGE_SIZE, 1, (0.25, 1),
                                                                    stream=1 + epoch), IMAGE_SIZE)
                                for i in batch])

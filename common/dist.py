@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import unwrap_model
 from tqdm import tqdm
 
 
@@ -68,7 +69,8 @@ class Context:
 
     def all_reduce_sum(self, values):
         """Sum a list of numbers over ranks (float64 on the communication device)."""
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
+        nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device if nccl else "cpu")
         if self.distributed:
             dist.all_reduce(tensor)
         return tensor.tolist()
@@ -79,14 +81,9 @@ class Context:
             dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
-    @property
-    def comm_device(self):
-        return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
-
 
 class EpochSums:
-    """Per-epoch sums kept on the device (no host sync per step), all-reduced once at epoch end.
-
+    """Per-epoch sums kept on the device (no host sync per step), all-reduced once at epoch end:
     `add(n, loss=l, correct=c)` adds n * l for a batch mean l, or c as it is for a count
     (`counts=`); `means(ctx)` returns ({name: sum / n over all ranks}, n over all ranks)."""
 
@@ -204,82 +201,62 @@ def _is_terminal(stream):
 
 
 class PlainProgress:
-    """tqdm's interface (iterate, update, context manager) printing plain lines for log files:
+    """tqdm's interface as used here (iterate, update, `with`) printing plain lines for log files:
     "epoch 3/90: 1200/5004 (24%), 13.1 it/s, 1m32s elapsed, ETA 4m50s", at most one line every
     `interval` seconds, or sooner after each further `step` fraction of the total (not sooner
     than `min_gap` seconds)."""
 
     def __init__(self, iterable=None, desc="", total=None, unit="it", write=print, interval=30.0,
                  step=0.05, min_gap=2.0, clock=time.monotonic, **_tqdm_only_kwargs):
-        if total is None and iterable is not None and hasattr(iterable, "__len__"):
-            total = len(iterable)
-        self.iterable, self.desc, self.total, self.unit, self.write = iterable, desc, total, unit, write
+        self.iterable, self.desc, self.unit, self.write = iterable, desc, unit, write
+        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
         self.interval, self.step, self.min_gap, self.clock = interval, step, min_gap, clock
-        self.n, self.start = 0, clock()
-        self.last_time, self.last_n = self.start, 0
+        self.n = self.last_n = 0
+        self.start = self.last_time = clock()
 
     def __iter__(self):
         for item in self.iterable:
             yield item
             self.update(1)
 
-    def __len__(self):
-        return self.total if self.total is not None else len(self.iterable)
-
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        return False
-
-    def close(self):
-        pass
-
-    def set_postfix(self, *args, **kwargs):
         pass
 
     def update(self, n=1):
         self.n += n
         now = self.clock()
-        since = now - self.last_time
-        stepped = bool(self.total) and (self.n - self.last_n) >= self.step * self.total
+        since, elapsed = now - self.last_time, now - self.start
+        stepped = self.total and self.n - self.last_n >= self.step * self.total
         if since >= self.interval or (stepped and since >= self.min_gap):
-            self.write(self.line(now))
+            rate = self.n / elapsed if elapsed > 0 else math.nan
+            done = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
+            eta = f", ETA {_duration((self.total - self.n) / rate)}" if self.total and rate > 0 else ""
+            self.write(f"{self.desc}: {done}, {rate:.1f} {self.unit}/s, {_duration(elapsed)} elapsed{eta}")
             self.last_time, self.last_n = now, self.n
-
-    def line(self, now):
-        elapsed = now - self.start
-        rate = self.n / elapsed if elapsed > 0 else float("nan")
-        done = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
-        eta = ""
-        if self.total and rate > 0 and math.isfinite(rate):
-            eta = f", ETA {_duration((self.total - self.n) / rate)}"
-        return f"{self.desc}: {done}, {rate:.1f} {self.unit}/s, {_duration(elapsed)} elapsed{eta}"
 
 
 def _duration(seconds):
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def setup(device="auto", threads=None):
     """Initialise the process group if torchrun started us, and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was given but no CUDA GPU is visible; "
                          "use --device cpu or run on a GPU machine")
+    torch_device = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
     if device == "cuda":
         torch.cuda.set_device(local_rank)
-        torch_device = torch.device("cuda", local_rank)
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    else:
-        torch_device = torch.device(device)
     # KD_DDP=1 under torchrun: a process group of one, so one GPU runs the DDP, NCCL and SyncBN paths
     grouped = world > 1 or (os.environ.get("KD_DDP") == "1" and "MASTER_ADDR" in os.environ)
     if grouped and not dist.is_initialized():
@@ -298,10 +275,8 @@ def setup(device="auto", threads=None):
 
 
 def idle_cores(sample_seconds=0.1):
-    """(cores this process may use, how many of them were idle over a short sample of /proc/stat).
-
-    The sample is machine-wide, so another job's busy cores count as taken; off Linux every core
-    counts as idle."""
+    """(cores this process may use, how many of them were idle over a short sample of /proc/stat);
+    the sample is machine-wide, so another job's busy cores count as taken; off Linux all are idle."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     def busy_and_total():
@@ -319,8 +294,7 @@ def idle_cores(sample_seconds=0.1):
 
 
 def cpu_threads(device, local_world, environ, requested=None, measure=idle_cores):
-    """(intra-op threads per process on CPU, or None for torch's choice; a line saying why).
-
+    """(intra-op threads per process on CPU, or None for torch's choice; a line saying why):
     --threads N wins, then an explicit OMP_NUM_THREADS (torchrun sets it to 1 for several processes
     per node); otherwise the cores idle at start, shared between this node's processes. Threads on
     cores that another job keeps busy make every parallel region wait for the descheduled thread:
@@ -368,15 +342,17 @@ def epoch_generator(seed, rank, epoch, stream=0, device="cpu"):
 
 @contextlib.contextmanager
 def seeded(seed):
-    """Run a block with torch's CPU RNG seeded by `seed` alone and restore the caller's stream after:
-    a model's initial weights depend on the seed only (the same on every rank), and the rank's own
-    stream is not reset by building it."""
+    """Run a block with torch's CPU RNG and python's `random` seeded by `seed` alone, and restore the
+    caller's streams after: a model's initial weights (or an item's augmentation, SeededItems) depend
+    on the seed only, the same on every rank, and the rank's own streams are not reset."""
+    state = random.getstate()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        yield
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
 
-def unwrap(model):
-    """The bare model under DistributedDataParallel / torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+unwrap = unwrap_model  # the bare model under DistributedDataParallel / torch.compile wrappers

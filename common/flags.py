@@ -1,42 +1,34 @@
-"""argparse types that validate a flag's value when it is parsed, before any work starts.
-
-Used as `p.add_argument("--lr", type=flags.positive_float)`: a bad value stops the run with one
-sentence naming the flag, the value and what is expected ("argument --lr: must be a finite number
-> 0, got 'nan'"), and a derived value is never blamed for a flag the user did not pass. NaN and inf
-are refused everywhere (a plain `x <= 0` check lets NaN through).
-"""
+"""argparse types (`type=flags.positive_float`) that check a flag's value when it is parsed, before
+any work starts: a bad value stops the run with one sentence naming the flag, the value and what is
+expected ("argument --lr: must be a finite number > 0, got 'nan'"), so a derived value is never
+blamed for a flag the user did not pass. NaN and inf are refused everywhere."""
 import argparse
 import math
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
 
-def _number(cast, what, low=None, high=None, low_open=False, high_open=False):
+def _number(cast, what, ok=lambda value: True):
     def parse(text):
         try:
             value = cast(text)
         except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        if low is not None and (value < low or (low_open and value == low)):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        if high is not None and (value > high or (high_open and value == high)):
+            value = math.nan
+        if not (abs(value) < math.inf and ok(value)):  # NaN, inf fail here (`x <= 0` lets NaN through)
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
     parse.__name__ = what  # argparse names the type in some messages
     return parse
 
 
-positive_int = _number(int, "an integer >= 1", low=1)
-nonneg_int = _number(int, "an integer >= 0", low=0)
-any_int = _number(int, "an integer")
-positive_float = _number(float, "a finite number > 0", low=0.0, low_open=True)
-nonneg_float = _number(float, "a finite number >= 0", low=0.0)
+positive_int = _number(int, "an integer >= 1", lambda v: v >= 1)
+nonneg_int = _number(int, "an integer >= 0", lambda v: v >= 0)
+positive_float = _number(float, "a finite number > 0", lambda v: v > 0)
+nonneg_float = _number(float, "a finite number >= 0", lambda v: v >= 0)
 finite_float = _number(float, "a finite number")
-fraction = _number(float, "a number in [0, 1]", low=0.0, high=1.0)
-open_fraction = _number(float, "a number in (0, 1]", low=0.0, high=1.0, low_open=True)
-fraction_below_one = _number(float, "a number in [0, 1)", low=0.0, high=1.0, high_open=True)
+fraction = _number(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+open_fraction = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+fraction_below_one = _number(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def interpolation(text):
@@ -44,24 +36,6 @@ def interpolation(text):
     if text not in INTERPOLATIONS:
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(INTERPOLATIONS)}, got {text!r}")
     return text
-
-
-def add_run_flags(parser, network="the network"):
-    """The flags every method file takes for how a run runs (not what it trains): loader workers,
-    AMP, compile, seed, resume/overwrite/stop-epoch and the device."""
-    add = parser.add_argument
-    add("--workers", type=nonneg_int, help="DataLoader workers per process (default: the recipe's)")
-    add("--amp", action="store_true", help="mixed precision (CUDA only)")
-    add("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
-        help="autocast dtype with --amp (bfloat16 needs no loss scaling)")
-    add("--compile", action="store_true", help=f"torch.compile {network}")
-    add("--seed", type=nonneg_int, default=0)
-    add("--resume", help="checkpoint to continue, or 'auto' (OUT/last.pth; without --out the newest run)")
-    add("--overwrite", action="store_true", help="start over in an --out that holds a run")
-    add("--stop-epoch", type=positive_int, help="stop after this epoch as if interrupted (split a run into "
-        "time-limited jobs; continue with --resume auto)")
-    add("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    add("--threads", type=positive_int, help="CPU threads per process (default: the idle cores at start)")
 
 
 def given(parser, argv):
@@ -92,7 +66,19 @@ def build_parser(description, table, network="the network"):
             fixed = more.get("default") not in (None, [], False) and f"default {more['default']}"
             text = "; ".join(filter(None, [text, ranged, fixed])).replace("%", "%%")
         p.add_argument(flag, help=text or None, **how, **more)
-    add_run_flags(p, network)
+    add = p.add_argument  # the run flags: how a run runs, not what it trains
+    add("--workers", type=nonneg_int, help="DataLoader workers per process (default: the recipe's)")
+    add("--amp", action="store_true", help="mixed precision (CUDA only)")
+    add("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
+        help="autocast dtype with --amp (bfloat16 needs no loss scaling)")
+    add("--compile", action="store_true", help=f"torch.compile {network}")
+    add("--seed", type=nonneg_int, default=0)
+    add("--resume", help="checkpoint to continue, or 'auto' (OUT/last.pth; without --out the newest run)")
+    add("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    add("--stop-epoch", type=positive_int, help="stop after this epoch as if interrupted (split a run into "
+        "time-limited jobs; continue with --resume auto)")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add("--threads", type=positive_int, help="CPU threads per process (default: the idle cores at start)")
     return p
 
 

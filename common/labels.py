@@ -33,8 +33,7 @@ REQUIRED = ("format_version", "codec", "k", "num_crops", "num_classes", "num_ima
 
 
 def encode(probs, codec, k=5):
-    """Compress probabilities [B, C] (the ensemble's, Sec. 3.1) -> (indices [B, K] or None,
-    values [B, K] or None)."""
+    """Probabilities [B, C] (the ensemble's, Sec. 3.1) -> (indices [B, K] or None, values [B, K] or None)."""
     if codec == "full":
         return None, probs.float()
     if codec == "hard":
@@ -57,20 +56,15 @@ def decode(indices, values, codec, num_classes, logits_temperature=None):
     if codec == "full":
         values = values.float()
         return F.softmax(values / logits_temperature, dim=1) if logits_temperature else values
-    indices = indices.long()
-    batch = indices.shape[0]
+    indices, batch = indices.long(), indices.shape[0]
     if codec == "hard":  # Eq. 3: one-hot of the stored argmax
         return torch.zeros(batch, num_classes, device=indices.device).scatter_(1, indices, 1.0)
     values = values.float()
-    if codec == "smooth":
-        # Eq. 4: y_c = p_c for the hard label, (1 - p_c) / (C - 1) otherwise
-        rest = (1 - values) / (num_classes - 1)
-        return rest.expand(batch, num_classes).clone().scatter_(1, indices, values)
-    if codec == "ms":
-        k = indices.shape[1]
-        # Eq. 5: top-K keep p_c, the others share (1 - sum_topK p_c) / (C - K); fp16 top-K values
-        # can sum above 1, so the marginal mass is clamped at 0.
-        rest = (1 - values.sum(dim=1, keepdim=True)).clamp_min(0) / max(num_classes - k, 1)
+    if codec in ("smooth", "ms"):
+        # Eq. 4 (K = 1: the hard label keeps p_c, the others get (1 - p_c) / (C - 1)) and Eq. 5: top-K keep
+        # p_c, the others share (1 - sum_topK p_c) / (C - K); fp16 top-K values can sum above 1, so the
+        # marginal mass is clamped at 0.
+        rest = (1 - values.sum(dim=1, keepdim=True)).clamp_min(0) / max(num_classes - indices.shape[1], 1)
         return rest.expand(batch, num_classes).clone().scatter_(1, indices, values)
     if codec == "mr":
         # Eq. 6: y^M = p_c on the top-K, 0 elsewhere; Eq. 7: y^MR = y^M / sum_c y^M
@@ -96,10 +90,9 @@ def image_identity(train_set):
 
 
 def teacher_identity(specs):
-    """[{"name", "sha256"}] of teacher specs, without loading a model: NAME=PATH gives the sha256
-    of the local file, a timm tag gives None (the tag names its weights). A generated store's meta
-    records its teachers in this form plus the data config each was loaded with (fkd.py); data
-    configs are compared only where both sides record them."""
+    """[{"name", "sha256"}] of teacher specs, without loading a model: the sha256 of a NAME=PATH file,
+    None for a timm tag (it names its weights). A generated store's meta records its teachers so plus
+    the data config each was loaded with (fkd.py), compared only where both sides record it."""
     return [{"name": name, "sha256": file_sha256(path) if path and os.path.isfile(path) else None}
             for name, path in map(parse_spec, specs)]
 
@@ -107,16 +100,19 @@ def teacher_identity(specs):
 def label_identity(train_set, teachers, codec, k, num_crops, crop_scale, crop_ratio, temperature,
                    stores, seed, label_dim=None):
     """The meta of a store generated for `train_set` (an ImageFolder) with these settings.
-    `teachers`: dicts with "name" and "sha256" (teacher_identity), optionally their data configs.
-    A logits store (SSL variant) records temperature None: T is applied at training time."""
-    return {
-        **image_identity(train_set), "codec": codec, "k": k if codec in ("ms", "mr") else 1,
-        "num_crops": num_crops, "label_dim": label_dim or len(train_set.classes),
-        "teachers": [dict(t) for t in teachers],
-        "crop_scale": [float(v) for v in crop_scale], "crop_ratio": [float(v) for v in crop_ratio],
-        "temperature": None if stores == "logits" else float(temperature), "stores": stores,
-        "seed": seed,
-    }
+    `teachers`: dicts with "name" and "sha256" (teacher_identity), optionally their data configs."""
+    settings = _settings(teachers, codec, k, num_crops, crop_scale, crop_ratio, temperature, stores, seed,
+                         label_dim or len(train_set.classes))
+    return {**image_identity(train_set), **settings}
+
+
+def _settings(teachers, codec, k, num_crops, crop_scale, crop_ratio, temperature, stores, seed, label_dim):
+    """The label settings of a store; a logits store (SSL variant) records temperature None: T is applied
+    at training time."""
+    return {"codec": codec, "k": k if codec in ("ms", "mr") else 1, "num_crops": num_crops,
+            "label_dim": label_dim, "teachers": [dict(t) for t in teachers],
+            "crop_scale": [float(v) for v in crop_scale], "crop_ratio": [float(v) for v in crop_ratio],
+            "temperature": None if stores == "logits" else float(temperature), "stores": stores, "seed": seed}
 
 
 def identity_digest(meta, keys=None):
@@ -196,35 +192,29 @@ def free_bytes(path):
     return shutil.disk_usage(path).free
 
 
-def _reserve(fd, size):
+def _reserve(file):
     """Reserve the file's blocks (a full disk fails now, not mid-run). Where posix_fallocate does not
     exist (macOS) or the filesystem does not support it, the file stays sparse: the caller checked
     the free space before."""
-    if (fallocate := getattr(os, "posix_fallocate", None)) is None:
-        return
-    try:
-        fallocate(fd, 0, size)
-    except OSError as error:
-        if error.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
-            raise
+    with open(file, "r+b") as f:
+        try:
+            getattr(os, "posix_fallocate", lambda *_: None)(f.fileno(), 0, os.path.getsize(file))
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+                raise
 
 
 class LabelStore:
-    """Region-level soft labels of N images x M crops; see the module docstring for the layout.
-
-    Arrays are opened lazily and not pickled, so a store handed to DataLoader workers re-opens its
-    memory maps in each worker.
-    """
+    """Region-level soft labels of N images x M crops (layout: the module docstring). Arrays are opened
+    lazily and not pickled, so a store handed to DataLoader workers re-opens its memory maps in each."""
 
     def __init__(self, path, meta, writable=False):
-        self.path, self.meta, self.writable = path, meta, writable
-        self._arrays = None
+        self.path, self.meta, self.writable, self._arrays = path, meta, writable, None
 
     @staticmethod
     def array_specs(meta):
         n, m, c, k = meta["num_images"], meta["num_crops"], meta["num_classes"], meta["k"]
-        width = {"full": meta.get("label_dim") or c, "hard": 1, "smooth": 1, "ms": k, "mr": k}[
-            meta["codec"]]
+        width = {"full": meta.get("label_dim") or c, "ms": k, "mr": k}.get(meta["codec"], 1)
         specs = {"boxes": ((n, m, 4), "uint16"), "flips": ((n, m), "uint8"), "sizes": ((n, 2), "uint16"),
                  "done": ((n,), "uint8")}
         if meta["codec"] != "full":
@@ -256,12 +246,10 @@ class LabelStore:
 
     @classmethod
     def create(cls, path, meta, replace=False):
-        """Preallocate all arrays on disk (so a full disk fails here, not in the middle of a run).
-
-        Only in a new or empty folder, or (replace=True) over a store: a folder holding anything
-        else is refused, never overwritten. meta.json is written first with state "allocating" and
-        again with state "ready" once every array exists: an interrupted creation is recognised
-        and made again by the same command."""
+        """Preallocate all arrays on disk (a full disk fails here, not mid-run), only in a new or empty
+        folder or (replace=True) over a store: a folder holding anything else is refused, never
+        overwritten. meta.json is written with state "allocating", then "ready" once every array
+        exists: the same command recognises an interrupted creation and makes it again."""
         if meta["codec"] not in CODECS:
             raise StoreError(f"unknown codec {meta['codec']!r}; choose one of {', '.join(CODECS)}")
         if os.path.exists(path) and not os.path.isdir(path):
@@ -274,7 +262,10 @@ class LabelStore:
             if not replace:
                 raise StoreError(f"--labels {path} already holds a label store; pass --overwrite-labels "
                                  f"to make it again")
-            cls.remove(path)
+            names = {"meta.json", *(f"{a}.npy" for a in "boxes flips sizes done indices values".split())}
+            for name in os.listdir(path):  # delete the store's own files (meta, arrays, temporary files) only
+                if name in names or name.startswith("meta.json.tmp"):
+                    os.remove(os.path.join(path, name))
         meta = dict(meta, format_version=FORMAT_VERSION, label_dim=meta.get("label_dim") or meta["num_classes"],
                     stores=meta.get("stores", "probs"))
         need, free = cls.planned_bytes(meta), free_bytes(path)
@@ -286,28 +277,15 @@ class LabelStore:
             _write_json_atomic(os.path.join(path, "meta.json"), dict(meta, state="allocating"))
             for name, (shape, dtype) in cls.array_specs(meta).items():
                 file = os.path.join(path, f"{name}.npy")
-                array = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
-                size = array.offset + array.nbytes
-                del array
-                with open(file, "r+b") as f:
-                    _reserve(f.fileno(), size)
+                np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)  # header, sparse rows
+                _reserve(file)
             _write_json_atomic(os.path.join(path, "meta.json"), dict(meta, state="ready"))
         except OSError as error:
-            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise StoreError(f"cannot create the label store in {path} ({error.strerror}); free disk "
-                                 f"space or pass another --labels folder, then run the same command "
-                                 f"again") from None
-            raise StoreError(f"cannot create the label store in {path} ({error.strerror}); pass a "
-                             f"writable --labels folder") from None
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            fix = ("free disk space or pass another --labels folder, then run the same command again" if full
+                   else "pass a writable --labels folder")
+            raise StoreError(f"cannot create the label store in {path} ({error.strerror}); {fix}") from None
         return cls(path, dict(meta, state="ready"), writable=True)
-
-    @classmethod
-    def remove(cls, path):
-        """Delete a store's own files (meta.json, its arrays, temporary files), nothing else."""
-        names = {"meta.json", *(f"{n}.npy" for n in ("boxes", "flips", "sizes", "done", "indices", "values"))}
-        for name in os.listdir(path):
-            if name in names or name.startswith("meta.json.tmp"):
-                os.remove(os.path.join(path, name))
 
     @classmethod
     def open(cls, path, writable=False):
@@ -358,7 +336,7 @@ class LabelStore:
             for name, (shape, dtype) in self.array_specs(self.meta).items():
                 file = os.path.join(self.path, f"{name}.npy")
                 try:
-                    array = np.load(file, mmap_mode="r", allow_pickle=False)
+                    arrays[name] = array = np.load(file, mmap_mode="r", allow_pickle=False)
                 except (OSError, ValueError) as error:
                     raise StoreError(f"label store array {file} is missing, truncated or not a "
                                      f"plain .npy array ({error}); make the store again "
@@ -367,7 +345,6 @@ class LabelStore:
                     raise StoreError(f"label store array {file} has shape {array.shape} "
                                      f"{array.dtype}, expected {tuple(shape)} {dtype}; the store is "
                                      f"damaged: make it again with --overwrite-labels")
-                arrays[name] = array
             self._arrays = arrays
         return self._arrays
 
@@ -401,7 +378,7 @@ class LabelStore:
             f.seek(self.arrays["done"].offset)
             return int(np.frombuffer(f.read(self.meta["num_images"]), dtype=np.uint8).astype(bool).sum())
 
-    def wait_until_complete(self, poll_seconds=2.0, on_wait=None):
+    def wait_until_complete(self, poll_seconds=2.0):
         """Block until every image is marked done (other ranks' shares): a poll, not a collective, so
         ranks that finish hours apart are not killed by a collective's timeout. A rank that failed
         leaves its sentence in failure_marker(path): then every waiting rank stops with it."""
@@ -409,8 +386,6 @@ class LabelStore:
             if os.path.exists(failure_marker(self.path)):
                 with open(failure_marker(self.path)) as f:
                     raise StoreError(f"another process stopped while labelling: {f.read().strip()}")
-            if on_wait is not None:
-                on_wait()
             time.sleep(poll_seconds)
 
     def check_image_sizes(self, samples, limit=None):
@@ -454,10 +429,8 @@ class LabelStore:
 
     def _pwrite(self, name, image_index, crop_slice, rows):
         array = self.arrays[name]
-        row_bytes = array[0, 0].nbytes if array.ndim > 1 else array.itemsize
-        first = image_index * array.shape[1] + (crop_slice.start or 0)
-        data = np.ascontiguousarray(rows, dtype=array.dtype).tobytes()
-        os.pwrite(self._fd(name), data, array.offset + first * row_bytes)
+        at = array.offset + image_index * array.strides[0] + (crop_slice.start or 0) * array.strides[1]
+        os.pwrite(self._fd(name), np.ascontiguousarray(rows, dtype=array.dtype).tobytes(), at)
 
     def write(self, image_index, crop_slice, boxes, flips, indices, values, size):
         """Rows of crops `crop_slice` of one image whose (width, height) is `size` (visible to
@@ -477,9 +450,8 @@ class LabelStore:
         for name in self.arrays:
             if name != "done":
                 os.fsync(self._fd(name))
-        offset = self.done.offset
         for n in image_indices:
-            os.pwrite(self._fd("done"), b"\x01", offset + int(n))
+            os.pwrite(self._fd("done"), b"\x01", self.done.offset + int(n))
         os.fsync(self._fd("done"))
 
     def close(self):
@@ -530,14 +502,10 @@ def crop_schedule(seed, image_index, stored, start, count):
     permutation of the M stored crops, consumed `count` at a time, so no crop repeats until all M
     were used (the paper's "shuffling and non-overlapping sampling"; the official code drew at random
     each pass). After M positions a fresh permutation starts."""
-    positions = np.arange(start, start + count)
-    cycles = positions // stored
-    out = np.empty(count, dtype=np.int64)
-    for cycle in np.unique(cycles):
-        perm = np.random.default_rng([seed, image_index, 1, int(cycle)]).permutation(stored)
-        where = cycles == cycle
-        out[where] = perm[positions[where] % stored]
-    return out
+    positions = range(start, start + count)
+    perms = {cycle: np.random.default_rng([seed, image_index, 1, cycle]).permutation(stored)
+             for cycle in {p // stored for p in positions}}
+    return np.array([perms[p // stored][p % stored] for p in positions], dtype=np.int64)
 
 
 def decode_stored_batch(indices, values, meta, device, logits_temperature=None):
@@ -581,11 +549,10 @@ class StoredCrops(Dataset):
 def default_store_path(tag, root, args, teachers, label_dim, precision="float32"):
     """runs/fkd_labels/<data>-<hash of the data folder and the label settings>: one store per data
     set and label settings, shared by every run that uses them."""
-    settings = {"data_root": os.path.abspath(root), "teachers": teachers, "crop_scale": args.crop_scale,
-                "crop_ratio": args.crop_ratio, "seed": args.seed, "num_crops": args.stored_crops,
-                "codec": args.codec, "k": args.k if args.codec in ("ms", "mr") else 1, "stores": args.stores,
-                "temperature": None if args.stores == "logits" else args.temperature, "label_dim": label_dim,
-                **({"teacher_precision": precision} if precision != "float32" else {})}
+    settings = {"data_root": os.path.abspath(root), **_settings(
+        teachers, args.codec, args.k, args.stored_crops, args.crop_scale, args.crop_ratio, args.temperature,
+        args.stores, args.seed, label_dim)}
+    settings.update({"teacher_precision": precision} if precision != "float32" else {})
     return os.path.join("runs", "fkd_labels", f"{tag}-{identity_digest(settings, list(settings))}")
 
 
@@ -686,16 +653,14 @@ def failing_tells_the_others(path):
 def show_labels(store, train_set, path, temperature, num_images=6, crops_per_image=6, size=128):
     """PNG, one row per image: the whole image with its crop boxes and its class, then each stored
     crop (replayed, framed in its box's colour) with its number and top-3 stored classes."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import ImageDraw, ImageFont
     font = ImageFont.load_default()
-    line = font.getbbox("Ag")[3] + 3
-    caption = 4 * line + 4
+    cell, caption = size + 8, 4 * (font.getbbox("Ag")[3] + 3) + 4
     colours = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#999999")
     images = np.random.default_rng(0).choice(len(train_set), size=min(num_images, len(train_set)), replace=False)
     crops_per_image = min(crops_per_image, store.meta["num_crops"])
     width = store.meta.get("label_dim") or store.meta["num_classes"]
     names = train_set.classes if width == len(train_set.classes) else [f"dim {i}" for i in range(width)]
-    cell = size + 8
     canvas = Image.new("RGB", ((crops_per_image + 1) * cell, len(images) * (cell + caption)), "white")
     draw = ImageDraw.Draw(canvas)
 
@@ -703,6 +668,9 @@ def show_labels(store, train_set, path, temperature, num_images=6, crops_per_ima
         while len(text) > 2 and draw.textlength(text, font=font) > size:
             text = text[:-2] + "."
         return text
+
+    def under(x, y, lines):  # a caption under the cell at (x, y)
+        draw.multiline_text((x, y + cell), "\n".join(lines), fill="black", font=font, spacing=3)
     for row, n in enumerate(images):
         image_path, target = train_set.samples[n]
         image, y = load_rgb(image_path), row * (cell + caption)
@@ -712,20 +680,18 @@ def show_labels(store, train_set, path, temperature, num_images=6, crops_per_ima
                        None if values is None else torch.from_numpy(values), store.meta["codec"], width,
                        temperature if store.meta["stores"] == "logits" else None)
         scale = size / max(image.size)
-        thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-        canvas.paste(thumb, (4, y + 4))
+        canvas.paste(image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale)))),
+                     (4, y + 4))
+        under(4, y, [fit(f"image {n}"), fit(f"class {train_set.classes[target]}"),
+                     fit(f"{len(boxes)} crops shown")])
         for col, (top, left, h, w) in enumerate(boxes.tolist()):
+            x, colour = (col + 1) * cell, colours[col % len(colours)]
             draw.rectangle([4 + left * scale, y + 4 + top * scale, 4 + (left + w) * scale - 1,
-                            y + 4 + (top + h) * scale - 1], outline=colours[col % len(colours)], width=2)
-        text = [fit(f"image {n}"), fit(f"class {train_set.classes[target]}"), fit(f"{len(boxes)} crops shown")]
-        draw.multiline_text((4, y + cell), "\n".join(text), fill="black", font=font, spacing=3)
-        for col in range(crops_per_image):
-            x = (col + 1) * cell
-            draw.rectangle([x + 1, y + 1, x + cell - 2, y + cell - 2], outline=colours[col % len(colours)], width=3)
+                            y + 4 + (top + h) * scale - 1], outline=colour, width=2)  # its box on the image
+            draw.rectangle([x + 1, y + 1, x + cell - 2, y + cell - 2], outline=colour, width=3)
             canvas.paste(Image.fromarray(crops[col].permute(1, 2, 0).numpy()), (x + 4, y + 4))
-            top = probs[col].topk(min(3, probs.shape[1]))
-            text = [f"crop {col}" + (" (flipped)" if flips[col] else "")] + \
-                [fit(f"{p:.2f} {names[c]}") for p, c in zip(top.values.tolist(), top.indices.tolist())]
-            draw.multiline_text((x + 4, y + cell), "\n".join(text), fill="black", font=font, spacing=3)
+            best = probs[col].topk(min(3, probs.shape[1]))
+            under(x + 4, y, [f"crop {col}" + (" (flipped)" if flips[col] else "")] +
+                  [fit(f"{p:.2f} {names[c]}") for p, c in zip(best.values.tolist(), best.indices.tolist())])
     canvas.save(path)
     return path

@@ -59,11 +59,9 @@ def _query_numbers(spec, key, text, count, positive):
 
 def spec_data_config(spec):
     """The data-config entries given in a spec's query (validated), e.g. {'input_size': 32}."""
-    query = split_query(spec)[1]
     config = {}
-    for item in filter(None, query.split("&")):
-        key, _, text = item.partition("=")
-        key, text = key.strip(), text.strip()
+    for item in filter(None, split_query(spec)[1].split("&")):
+        key, _, text = (part.strip() for part in item.partition("="))
         if key not in DATA_CONFIG_KEYS:
             raise ModelError(f"unknown data-config key {key!r} in {spec!r}; use "
                              f"{', '.join(DATA_CONFIG_KEYS)}")

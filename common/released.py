@@ -15,19 +15,17 @@ FKD_SLG/generate_soft_label.py and read by the official training loaders:
          row 1 their probabilities in descending order.
 
 The official training replays crop i with torchvision `resized_crop(img, c0*H, c1*W, c2*H, c3*W,
-224)` on a PIL image; PIL's Image.crop rounds each edge of the float box with Python's round()
-(half to even). `boxes_from_coords` turns the coords into the integer boxes that cut exactly
+224)` on a PIL image; `boxes_from_coords` turns the coords into the integer boxes that cut exactly
 those pixels, so replaying the imported store gives the official crops.
 
 Label types -> codecs: hard -> hard, smoothing -> smooth, marginal_smoothing_kK -> ms (K),
 marginal_renorm -> mr (K); the files of the last two are identical, so the label type of top-K files
 is picked at import (default: marginal smoothing, the released name). The store keeps the release's
-precision: float16 values for the fp16 release, float32 for an fp32 one (meta "values_dtype"), so
+precision (float16 values for the fp16 release, float32 for an fp32 one: meta "values_dtype"), so
 decoding it gives the official Recover_soft_label's soft label bit for bit for every label type and
-both releases (except the clamp of the marginal mass at 0, labels.py).
-
-The files are pickles: they are loaded with torch.load(weights_only=True) and only NumPy's array
-reconstruction allowlisted, so a file whose pickle would run code is refused, never executed.
+both releases (except the clamp of the marginal mass at 0, labels.py). The files are pickles, loaded
+with torch.load(weights_only=True) and only NumPy's array reconstruction allowlisted: a file whose
+pickle would run code is refused, never executed.
 """
 import json
 import os
@@ -39,7 +37,7 @@ import torch
 from PIL import Image
 
 from .dist import Context, on_every_rank
-from .labels import LabelStore, StoreError, image_identity
+from .labels import LabelStore, StoreError, _write_json_atomic, image_identity
 
 LAYOUTS = ("fkd", "meal")
 # official label_type names (without _kK) -> our codec
@@ -80,8 +78,7 @@ def load_released_file(path):
             raise ReleasedFileError("unsafe", f"holds objects other than numeric arrays, which loading "
                                     f"would build by running pickled code, so it was not loaded "
                                     f"({refused[0][:100]})") from None
-        reason = next((line for line in lines if "operand" in line.lower()),
-                      lines[0] if lines else "empty")
+        reason = next((line for line in lines if "operand" in line.lower()), lines[0] if lines else "empty")
         raise ReleasedFileError("unreadable", f"is damaged or not a torch.save file "
                                 f"({type(error).__name__}: {reason[:100]})") from None
     if not (isinstance(content, (list, tuple)) and len(content) == 3):
@@ -109,16 +106,13 @@ def file_format(coords, flips, labels):
         kind, k = "hard", 1
     elif labels.shape == (n, 2) and labels.dtype.kind == "f":
         kind, k = "smoothing", 1
-    elif labels.ndim == 3 and labels.shape[:2] == (n, 2) and labels.shape[2] >= 1 \
-            and labels.dtype.kind == "f":
+    elif labels.ndim == 3 and labels.shape[:2] == (n, 2) and labels.shape[2] >= 1 and labels.dtype.kind == "f":
         kind, k = "topk", labels.shape[2]
     else:
         raise ReleasedFileError("format", f"has labels of shape {list(labels.shape)} {labels.dtype}, "
                                 f"none of hard [{n}], smoothing [{n}, 2] or top-K [{n}, 2, K]")
-    dtype = str(coords.dtype)
-    if labels.dtype != coords.dtype and labels.dtype.kind == "f":
-        dtype += f"/{labels.dtype}"
-    return n, kind, k, dtype
+    mixed = labels.dtype != coords.dtype and labels.dtype.kind == "f"
+    return n, kind, k, str(coords.dtype) + (f"/{labels.dtype}" if mixed else "")
 
 
 def boxes_from_coords(coords, width, height):
@@ -278,8 +272,7 @@ PROBLEMS = {  # kind -> (what the files have in common, the fix)
     "format": ("differ in crop count, label kind, K or dtype from the first image's file, or are not "
                "in the official format", "replace them with files of the same release"),
     "values": ("hold out-of-range values", "replace them with files of the same release"),
-    "image": ("belong to images that cannot be read",
-              "replace or remove those images and their labels"),
+    "image": ("belong to images that cannot be read", "replace or remove those images and their labels"),
 }
 
 
@@ -290,8 +283,7 @@ def _problem_sentence(problems, files, store_path):
         mine = sorted((n, detail) for n, k, detail in problems if k == kind)
         if mine:
             n, detail = mine[0]
-            parts.append(f"{len(mine)} released label files {what}, the first: {files[n]} {detail}; "
-                         f"{fix}")
+            parts.append(f"{len(mine)} released label files {what}, the first: {files[n]} {detail}; {fix}")
     return ("; ".join(parts) + f"; the other images are imported into {store_path} (run the same "
             f"command again to import the rest)")
 
@@ -302,9 +294,7 @@ def _gather_results(store_path, ctx, result):
     if ctx.world == 1:
         return [result]
     names = [os.path.join(store_path, f".import-rank{r}-of-{ctx.world}.json") for r in range(ctx.world)]
-    with open(names[ctx.rank] + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(names[ctx.rank] + ".tmp", names[ctx.rank])
+    _write_json_atomic(names[ctx.rank], result)
     while not all(os.path.exists(name) for name in names):
         time.sleep(0.5)
     results = [json.loads(pathlib.Path(name).read_text()) for name in names]
@@ -346,21 +336,18 @@ def _prepare_store(source_dir, train_set, store_path, layout, keys, files, label
 
 def import_labels(source_dir, train_set, store_path, layout="fkd", ctx=None, label_type=None,
                   workers=0):
-    """Convert the released label files of `train_set`'s images into a label store at `store_path`
-    and return it opened.
-
-    train_set: torchvision ImageFolder of --data/train (the images the files were made for).
-    layout: "fkd" (SOURCE/train/<class>/<stem>.tar) or "meal" (SOURCE/<data folder>/train/...).
-    label_type: None (from the files: hard, smoothing, marginal_smoothing_kK) or "marginal_renorm"
-    for top-K files to be decoded with Eq. 6-7. Under torchrun the ranks split the images; a killed
-    import run again resumes (per-image done flags). `workers`: file-reading processes per rank."""
+    """Convert the released label files of `train_set`'s images (an ImageFolder of --data/train, the
+    images the files were made for) into a label store at `store_path`, and return it opened. `layout`:
+    "fkd" or "meal" (the module docstring); `label_type`: None (from the files: hard, smoothing,
+    marginal_smoothing_kK) or "marginal_renorm" for top-K files to be decoded with Eq. 6-7. Under
+    torchrun the ranks split the images; a killed import run again resumes (per-image done flags).
+    `workers`: file-reading processes per rank."""
     ctx = ctx or Context()
     if layout not in LAYOUTS:
         raise StoreError(f"unknown import layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     keys = [label_file_key(path, layout) for path, _ in train_set.samples]
     files = [os.path.join(source_dir, key) for key in keys]
-    # everything that can be checked before a byte is written, then the store; on rank 0, every
-    # rank stops with its sentence
+    # rank 0: every check possible before a byte is written, then the store (all ranks stop with its sentence)
     on_every_rank(ctx, lambda: _prepare_store(source_dir, train_set, store_path, layout, keys, files,
                                               label_type), StoreError, StoreError)
     store = LabelStore.open(store_path, writable=True)
@@ -369,14 +356,12 @@ def import_labels(source_dir, train_set, store_path, layout="fkd", ctx=None, lab
            meta["k"], meta["imported"]["dtype"])
     todo = np.flatnonzero(np.asarray(store.done) == 0)
     mine = np.array_split(todo, ctx.world)[ctx.rank]  # contiguous shares: ranks never share a row
-    about = meta["imported"]
-    ctx.print(f"importing {len(todo)} of {len(files)} released label files ({about['label_type']}, "
-              f"{meta['num_crops']} crops, {about['dtype']}) from {source_dir}, {ctx.world} "
-              f"process(es) -> {store_path}")
+    ctx.print(f"importing {len(todo)} of {len(files)} released label files "
+              f"({meta['imported']['label_type']}, {fmt[0]} crops, {fmt[3]}) from {source_dir}, "
+              f"{ctx.world} process(es) -> {store_path}")
     images = [path for path, _ in train_set.samples]
     data = torch.utils.data.DataLoader(ReleasedFiles(mine, files, images, fmt, len(train_set.classes)),
-                                       batch_size=None, num_workers=workers,
-                                       collate_fn=dict)  # dict(item): each item as it is
+                                       batch_size=None, num_workers=workers, collate_fn=dict)  # each item as is
     start, pending, tally = time.time(), [], {"problems": [], "clipped": 0, "bytes": 0, "imported": 0}
     with ctx.bar(total=len(mine), desc="import", unit="img") as bar:
         for item in data:
@@ -396,8 +381,7 @@ def import_labels(source_dir, train_set, store_path, layout="fkd", ctx=None, lab
     store.close()
     results = _gather_results(store_path, ctx, tally)
     problems = [tuple(p) for r in results for p in r["problems"]]
-    clipped, read_bytes, imported = (sum(r[key] for r in results)
-                                     for key in ("clipped", "bytes", "imported"))
+    clipped, read_bytes, imported = (sum(r[key] for r in results) for key in ("clipped", "bytes", "imported"))
     if problems:
         raise StoreError(_problem_sentence(problems, files, store_path))
     store = LabelStore.open(store_path)

@@ -13,7 +13,6 @@ Images travel as uint8 CHW tensors (normalized later on the device, as for class
 masks as int64 HW tensors. The random transforms draw from python's `random`, so wrapped in
 `common.data.SeededItems` an image's crop depends on (seed, rank, epoch, index) alone.
 """
-import contextlib
 import os
 import random
 
@@ -22,17 +21,19 @@ import torch
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .data import DataError, load_rgb
-from .models import normalize
+from .data import DataError, load_rgb, sum_over_split
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+LAYOUTS = "--data must be a VOCdevkit folder or hold train/images, train/masks, val/images and val/masks"
 
 
 # --- Finding (image, mask) pairs ------------------------------------------------------------------
 def _voc_split(year_dir, split):
-    """(image, mask) paths listed in YEAR/ImageSets/Segmentation/<split>.txt."""
+    """(image, mask) paths listed in YEAR/ImageSets/Segmentation/<split>.txt ([] without that file)."""
     listing = os.path.join(year_dir, "ImageSets", "Segmentation", f"{split}.txt")
+    if not os.path.isfile(listing):
+        return []
     with open(listing) as f:
         ids = [line.strip() for line in f if line.strip()]
     return [(os.path.join(year_dir, "JPEGImages", f"{i}.jpg"),
@@ -42,10 +43,7 @@ def _voc_split(year_dir, split):
 def voc_pairs(root):
     """Train and val pairs of a VOCdevkit folder: VOC2007 + VOC2012 trainval / VOC2007 test."""
     years = [os.path.join(root, y) for y in ("VOC2007", "VOC2012")]
-    train = []
-    for year in years:
-        if os.path.isfile(os.path.join(year, "ImageSets", "Segmentation", "trainval.txt")):
-            train += _voc_split(year, "trainval")
+    train = [pair for year in years for pair in _voc_split(year, "trainval")]
     test_list = os.path.join(years[0], "ImageSets", "Segmentation", "test.txt")
     if not train:
         raise DataError(f"{root} holds no VOC2007/ or VOC2012/ with ImageSets/Segmentation/trainval.txt; "
@@ -62,8 +60,7 @@ def folder_pairs(root, split):
     images_dir, masks_dir = os.path.join(root, split, "images"), os.path.join(root, split, "masks")
     for folder in (images_dir, masks_dir):
         if not os.path.isdir(folder):
-            raise DataError(f"{folder} does not exist; --data must be a VOCdevkit folder or hold "
-                            f"train/images, train/masks, val/images and val/masks")
+            raise DataError(f"{folder} does not exist; {LAYOUTS}")
     masks = {os.path.splitext(name)[0]: os.path.join(masks_dir, name) for name in os.listdir(masks_dir)
              if name.lower().endswith(".png")}
     pairs = []
@@ -84,8 +81,7 @@ def folder_pairs(root, split):
 def find_pairs(root):
     """(train pairs, val pairs, layout name) of a segmentation --data folder."""
     if not os.path.isdir(root):
-        raise DataError(f"{root} does not exist; --data must be a VOCdevkit folder or hold "
-                        f"train/images, train/masks, val/images and val/masks")
+        raise DataError(f"{root} does not exist; {LAYOUTS}")
     if any(os.path.isdir(os.path.join(root, y)) for y in ("VOC2007", "VOC2012")):
         return (*voc_pairs(root), "VOCdevkit")
     return folder_pairs(root, "train"), folder_pairs(root, "val"), "images/masks"
@@ -144,11 +140,9 @@ def check_pairs(pairs, num_classes):
 # --- Paired transforms (official order: flip, random scale + pad + crop, blur; val: plain resize) -
 class RandomScaleCropFlip:
     """Training pair transform: horizontal flip (p 0.5); resize so the short side is a random integer
-    in [base / 2, 2 base] (image bilinear, mask nearest); pad right/bottom to `crop` (image 0,
-    mask `mask_fill`); a random crop x crop; Gaussian blur of the image (p 0.5, radius in [0, 1)).
-
-    The official code pads masks with 0 (background), not 255; `mask_fill` defaults to that.
-    """
+    in [base / 2, 2 base] (image bilinear, mask nearest); pad right/bottom to `crop` (image 0, mask
+    `mask_fill`, default 0 = background: the official code pads masks with 0, not 255); a random crop
+    x crop; Gaussian blur of the image (p 0.5, radius in [0, 1))."""
 
     def __init__(self, base, crop, mask_fill=0, blur=True):
         self.base, self.crop, self.mask_fill, self.blur = base, crop, mask_fill, blur
@@ -222,29 +216,16 @@ def iou_per_class(matrix):
 
 def mean_iou(matrix):
     """Mean over the classes with a defined IoU (NaNs skipped, as the official numpy nanmean)."""
-    iou = iou_per_class(matrix)
-    return float(iou[~iou.isnan()].mean()) if (~iou.isnan()).any() else float("nan")
+    return float(iou_per_class(matrix).nanmean())
 
 
-@torch.no_grad()
 def evaluate_segmentation(model, data_loader, ctx, mean, std, num_classes, args=None, heads=1, desc="eval"):
-    """mIoU (%) and pixel accuracy (%) over the whole split, each image once across ranks (use
-    `common.data.eval_loader`). `model` returns `heads` logit maps [B, C, H, W] at the mask's size
-    (a tuple when heads > 1); `args`: the run's flags, for --amp/--amp-dtype. Confusion matrices
-    stay on the device and are summed over ranks once at the end. Returns one dict per head (a list
-    when heads > 1)."""
-    model.eval()
-    matrices = torch.zeros(heads, num_classes, num_classes, dtype=torch.int64, device=ctx.device)
-    autocast = ctx.autocast(args) if args is not None else contextlib.nullcontext()
-    for images, masks in ctx.bar(data_loader, desc=desc):
-        images = normalize(images.to(ctx.device, non_blocking=True), mean, std)
-        masks = masks.to(ctx.device, non_blocking=True)
-        with autocast:
-            outputs = model(images)
-        for head, logits in enumerate(outputs if heads > 1 else (outputs,)):
-            matrices[head] += confusion_matrix(logits.argmax(1), masks, num_classes)
-    matrices = torch.tensor(ctx.all_reduce_sum(matrices.flatten().tolist()), dtype=torch.float64)
-    matrices = matrices.reshape(heads, num_classes, num_classes)
+    """mIoU (%) and pixel accuracy (%) over the whole split from confusion matrices summed by
+    `common.data.sum_over_split`; `model` returns logit maps [B, C, H, W] at the mask's size;
+    `args`: the run's flags, for --amp/--amp-dtype. One dict per head (a list when heads > 1)."""
+    matrices = sum_over_split(model, data_loader, ctx, mean, std, args or False, desc, heads,
+                              lambda logits, masks: confusion_matrix(logits.argmax(1), masks, num_classes),
+                              (num_classes, num_classes))
     results = [{"miou": 100.0 * mean_iou(m),
                 "pixel_acc": 100.0 * float(m.diag().sum() / m.sum().clamp(min=1)), "pixels": int(m.sum())}
                for m in matrices]
