@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -48,22 +47,19 @@ from common import ckpt, demo, flags
 from common.crops import replay_crops, sample_crops
 from common.data import (DataError, FreshCrops, TaggedSampler, eval_sets, evaluate, evaluate_sets,
                          eval_transform, image_folder, load_rgb, loader, mix_batch)
-from common.dist import (EpochSums, epoch_generator, maybe_compile, on_every_rank, run_main,
-                         seed_rank_epoch, seeded, unwrap)
-from common.labels import (CODECS, LabelStore, StoreError, StoredCrops, check_for_training,
-                           decode_stored_batch, default_store_path, describe_store, encode,
-                           failing_tells_the_others, failure_marker, label_identity, lock_store,
-                           open_for_generation, open_shared, show_labels, teacher_identity)
-from common.models import (ModelError, create, describe_data_config, init_spec, load_teachers,
+from common.dist import (EpochSums, epoch_generator, maybe_compile, on_every_rank, run_main, seed_rank_epoch,
+                         seeded, unwrap)
+from common.labels import (CODECS, LabelStore, StoreError, StoredCrops, check_for_training, decode_stored_batch,
+                           default_store_path, describe_store, encode, failing_tells_the_others, failure_marker,
+                           label_identity, lock_store, open_for_generation, open_shared, show_labels,
+                           teacher_identity)
+from common.models import (ModelError, create, describe_data_config, ensemble_probs, init_spec, load_teachers,
                            make_optimizer, normalize, param_groups, teacher_logits)
 
 
-# ----------------------------------------------------------------------------------------------
-# The method (Sec. 3): what a reader copies
-# ----------------------------------------------------------------------------------------------
+# ---------- The method (Sec. 3): what a reader copies --------------------------------------------
 def soft_cross_entropy(logits, targets, temperature=1.0):
-    """-sum_c P_c log S_c(R), batch mean (Sec. 3.1). As the official code: T divides the student
-    logits only, no T^2 factor."""
+    """-sum_c P_c log S_c(R), batch mean (Sec. 3.1); as the official code: T divides S's logits only, no T^2."""
     return -(targets * F.log_softmax(logits / temperature, dim=1)).sum(dim=1).mean()  # Eq. 1
 
 
@@ -88,15 +84,13 @@ def label_crops(teachers, views, codec, k, temperature, stores, autocast):
     outputs = teacher_logits(teachers, views, autocast)
     if stores == "logits":
         return encode(outputs[0], "full")
-    probs = torch.stack([F.softmax(z / temperature, dim=1) for z in outputs]).mean(dim=0)  # P_i = T(R_i)
-    return encode(probs, codec, k)  # Eq. 3-7
+    return encode(ensemble_probs(outputs, temperature), codec, k)  # P_i = T(R_i), then Eq. 3-7
 
 
 class ColorJitter:
-    """torchvision's ColorJitter(s, s, s) on replayed uint8 crops [m, 3, H, W] (the 80.1% recipe):
-    brightness, contrast, saturation factors uniform in [1 - s, 1 + s], in a random order, drawn
-    from the generator the dataset seeds per (seed, image, pass). Labels were made without it: the
-    "slight mismatch" Sec. 3.1 accepts."""
+    """torchvision's ColorJitter(s, s, s) on replayed uint8 crops [m, 3, H, W] (the 80.1% recipe): brightness,
+    contrast, saturation factors uniform in [1 - s, 1 + s], in a random order, drawn from the generator the
+    dataset seeds per (seed, image, pass). Labels were made without it: a "slight mismatch" Sec. 3.1 accepts."""
 
     OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
 
@@ -125,9 +119,7 @@ def train_step(model, optimizer, scaler, images, targets, temperature, autocast)
     return loss.detach(), logits.detach()
 
 
-# ----------------------------------------------------------------------------------------------
-# Phase 1: label generation (Sec. 3.1 "Label Generation Phase")
-# ----------------------------------------------------------------------------------------------
+# ---------- Phase 1: label generation (Sec. 3.1 "Label Generation Phase") ------------------------
 class CropsForTeachers(Dataset):
     """Item (image n, crop block j) -> the block's crops for each teacher view. Crop i depends only on
     (seed, n, i), block j is a fixed slice of the M crops: the bytes never depend on workers or ranks."""
@@ -145,8 +137,7 @@ class CropsForTeachers(Dataset):
         part = slice(j * self.block, min((j + 1) * self.block, self.num_crops))
         boxes, flips = sample_crops(self.seed, n, image.width, image.height, part.stop, self.scale, self.ratio)
         views = [replay_crops(image, boxes[part], flips[part], size, interp) for size, interp in self.views]
-        return (n, j, torch.from_numpy(boxes[part]), torch.from_numpy(flips[part]), views,
-                torch.tensor(image.size))
+        return n, j, torch.from_numpy(boxes[part]), torch.from_numpy(flips[part]), views, torch.tensor(image.size)
 
 
 def teacher_views(teachers):
@@ -167,14 +158,12 @@ def generate_labels(args, ctx, train_set, teachers, store):
               f"{len(teachers)} teacher(s), {ctx.world} process(es) -> {store.path}")
     start, pending, (autocast, _) = time.time(), [], ctx.teacher_autocast(args)
     with ctx.bar(total=len(mine), desc="labels", unit="img") as bar, failing_tells_the_others(store.path):
-        for n, j, boxes, flips, images, size in data:
-            images = [x.to(ctx.device, non_blocking=True) for x in images]
-            indices, values = label_crops(teachers, images, args.codec, args.k, args.temperature,
-                                          args.stores, autocast)
+        for n, j, boxes, flips, views, size in data:
+            views = [v.to(ctx.device, non_blocking=True) for v in views]
+            coded = label_crops(teachers, views, args.codec, args.k, args.temperature, args.stores, autocast)
+            indices, values = (t if t is None else t.cpu().numpy() for t in coded)
             part = slice(j * args.label_batch, j * args.label_batch + len(boxes))
-            store.write(n, part, boxes.numpy(), flips.numpy(),
-                        None if indices is None else indices.cpu().numpy(),
-                        None if values is None else values.cpu().numpy(), tuple(size.tolist()))
+            store.write(n, part, boxes.numpy(), flips.numpy(), indices, values, tuple(size.tolist()))
             if j == blocks - 1:  # the image's last block: its rows are complete
                 pending.append(n)
                 bar.update(1)
@@ -193,56 +182,43 @@ def generate_labels(args, ctx, train_set, teachers, store):
     return LabelStore.open(store.path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Phase 2: training on stored crops (Sec. 3.1 "Training Phase", Sec. 3.3)
-# ----------------------------------------------------------------------------------------------
-def build_train_loader(args, ctx, train_set, store, m, views):
+# ---------- Phase 2: training on stored crops (Sec. 3.1 "Training Phase", Sec. 3.3) --------------
+def build_train_loader(args, ctx, samples, store, m, views):
     augment = ColorJitter(args.color_jitter) if args.color_jitter > 0 else None
-    if args.mode == "fkd":
-        dataset = StoredCrops(train_set.samples, store, m, args.input_size, args.interpolation, args.seed,
-                              augment)
-    else:
-        dataset = FreshCrops(train_set.samples, m, args.input_size, args.interpolation,
-                             views if args.mode == "online" else [], args.crop_scale, args.crop_ratio,
-                             args.seed, augment)
+    if args.mode == "fkd":  # the stored crops, replayed
+        dataset = StoredCrops(samples, store, m, args.input_size, args.interpolation, args.seed, augment)
+    else:  # fresh crops, and their views for the teachers of online KD
+        dataset = FreshCrops(samples, m, args.input_size, args.interpolation, views, args.crop_scale,
+                             args.crop_ratio, args.seed, augment)
     # shuffled by (seed, epoch) alone, also with one process, so a resumed run sees the same order
-    sampler = TaggedSampler(DistributedSampler(dataset, ctx.world, ctx.rank, shuffle=True, seed=args.seed,
-                                               drop_last=True))
-    images_per_batch = args.batch_size // (m * ctx.world)
-    return loader(dataset, images_per_batch, args.workers, sampler, ctx.device, drop_last=True), sampler
+    sampler = TaggedSampler(DistributedSampler(dataset, ctx.world, ctx.rank, seed=args.seed, drop_last=True))
+    return loader(dataset, args.batch_size // (m * ctx.world), args.workers, sampler, ctx.device, drop_last=True)
 
 
 def batch_targets(args, batch, store, teachers, num_classes, device, teacher_autocast):
-    """Images (uint8, flattened to B crops) and soft targets [B, D] for one batch of any mode."""
+    """Crops (uint8, flattened to B = images x m), soft targets [B, D] and labels [B] of one batch."""
+    crops, *middle, labels = batch  # middle: stored (indices, values), or [teacher views]
+    m = crops.shape[1]
     if args.mode == "fkd":
-        crops, indices, values, labels = batch
         logits_t = args.temperature if store.meta["stores"] == "logits" else None  # Sec. 3.4
-        targets = decode_stored_batch(indices, values, store.meta, device, logits_t)  # Eq. 3-7 decode
-    else:
-        crops, views, labels = batch
-        if args.mode == "online":  # vanilla KD: the teacher runs on this step's crops
-            views = [v.to(device, non_blocking=True).flatten(0, 1) for v in views]
-            outputs = teacher_logits(teachers, views, teacher_autocast)
-            targets = torch.stack([F.softmax(z / args.temperature, dim=1) for z in outputs]).mean(dim=0)
-        else:  # Eq. 1 with lambda = 0: the image label, one-hot made on the device (no host sync)
-            labels_here = labels.to(device, non_blocking=True).repeat_interleave(crops.shape[1])
-            targets = F.one_hot(labels_here, num_classes).float()
-    crops = crops.to(device, non_blocking=True).flatten(0, 1)
-    labels = labels.repeat_interleave(crops.shape[0] // labels.shape[0])
-    return crops, targets, labels
+        targets = decode_stored_batch(*middle, store.meta, device, logits_t)  # Eq. 3-7 decode
+    elif args.mode == "online":  # vanilla KD: the teacher runs on this step's crops
+        views = [v.to(device, non_blocking=True).flatten(0, 1) for v in middle[0]]
+        targets = ensemble_probs(teacher_logits(teachers, views, teacher_autocast), args.temperature)
+    else:  # Eq. 1 with lambda = 0: the image label, one-hot made on the device (no host sync)
+        targets = F.one_hot(labels.to(device, non_blocking=True).repeat_interleave(m), num_classes).float()
+    return crops.to(device, non_blocking=True).flatten(0, 1), targets, labels.repeat_interleave(m)
 
 
 def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg):
     num_classes = len(train_set.classes)
-    model = student.to(ctx.device)
-    if ctx.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(args.opt, param_groups(model, args.wd, args.wd_params), args.lr,
-                               args.momentum)
+    model = student.to(ctx.device, memory_format=torch.channels_last if ctx.device.type == "cuda" else None)
+    optimizer = make_optimizer(args.opt, param_groups(model, args.wd, args.wd_params), args.lr, args.momentum)
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr,
                                   warmup_t=args.warmup_epochs, warmup_lr_init=args.warmup_lr)
     scaler = ctx.grad_scaler(args)
-    checkpoint = ckpt.Checkpointer(args.out, ctx, args.resume, args.overwrite, args=training_flags(args),
+    recorded = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in NOT_TRAINING_FLAGS})
+    checkpoint = ckpt.Checkpointer(args.out, ctx, args.resume, args.overwrite, args=recorded,
                                    model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     start_epoch, best = checkpoint.restore(student.num_classes)
     if ctx.distributed:
@@ -251,17 +227,14 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
     model, autocast = maybe_compile(model, args), ctx.autocast(args)
     teacher_autocast = ctx.teacher_autocast(args)[0]  # online KD's teachers: fp32 unless --teacher-amp
     scores_classes = unwrap(model).num_classes == num_classes  # not for SSL labels of another width
-    data, sampler, loader_crops, metrics, run_start = None, None, None, {}, time.time()
-    position = 0  # crops consumed per image so far (the non-overlapping schedule's stream position)
+    data, metrics, run_start = None, {}, time.time()
     for epoch, m, covered in pass_plan(args.epochs, args.num_crops, args.warmup_epochs):
         if epoch < start_epoch:
-            position += m
             continue
-        if m != loader_crops:  # single-crop passes need another loader (the old workers end)
-            data = sampler = None
-            data, sampler = build_train_loader(args, ctx, train_set, store, m, teacher_views(teachers))
-            loader_crops = m
-        sampler.set_epoch(epoch, position if args.mode == "fkd" else epoch)
+        if data is None or data.dataset.m != m:  # single-crop passes need another loader (the old workers end)
+            data = None
+            data = build_train_loader(args, ctx, train_set.samples, store, m, teacher_views(teachers))
+        data.sampler.set_epoch(epoch, epoch)  # tag = crops used per image so far (stored crops' stream position)
         seed_rank_epoch(args.seed, ctx.rank, epoch)  # dropout, drop-path: (seed, rank, epoch) alone
         mix_generator = epoch_generator(args.seed, ctx.rank, epoch)
         scheduler.step(epoch)  # lr constant for the whole pass: the serrated cosine of Sec. 3.3
@@ -278,7 +251,6 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
             sums.add(len(labels), counts=("correct",), loss=loss, correct=hits)
         means, seen = sums.means(ctx)
         ckpt.check_finite(means["loss"], epoch, args.out)
-        position += m
         metrics = {"epoch": epoch + covered, "crops_per_image": m, "lr": optimizer.param_groups[0]["lr"],
                    "train_loss": means["loss"], "train_crop_top1": 100 * means["correct"],
                    "train_crops": seen, "train_time": time.time() - pass_start}
@@ -286,17 +258,146 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
         metrics.update(evaluate_sets(unwrap(model), val_sets, ctx, student_cfg["mean"], student_cfg["std"], args)
                        if val_sets else {"val_top1": float("nan")})  # SSL labels: no classes to score
         best = max(best, metrics["val_top1"]) if not math.isnan(metrics["val_top1"]) else best
-        if checkpoint.end_epoch(metrics, best, args=training_flags(args), arch=args.arch,
+        if checkpoint.end_epoch(metrics, best, args=recorded, arch=args.arch,
                                 num_classes=unwrap(model).num_classes, data_config=student_cfg):
             break
     return metrics, best, time.time() - run_start
 
 
-# ----------------------------------------------------------------------------------------------
-# CLI: recipes, arguments, main
-# ----------------------------------------------------------------------------------------------
+# ---------- Running a mode: every input checked, then labels, then training ----------------------
+def build_student(args, ctx, root, train_set, label_dim):
+    """The student (initial weights from the seed alone), its data config, and its val loaders."""
+    kwargs = {}
+    if args.zero_init_last is not None and timm.models.is_model_in_modules(args.arch.split(".")[0], ["resnet"]):
+        kwargs["zero_init_last"] = args.zero_init_last  # a timm ResNet option
+    with seeded(args.seed):
+        student, extra = create(init_spec(args.init, args.arch), label_dim,
+                                pretrained_head="reset" if args.init else "none", **kwargs)
+    # train crops and eval resize use the official protocol (bilinear, resize 256 / crop 224 at 224)
+    cfg = dict(extra["data_config"], input_size=args.input_size, crop_pct=args.crop_pct,
+               interpolation=args.interpolation)
+    ctx.print("student " + describe_data_config(dict(extra, data_config=cfg,
+                                                     data_config_source="the recipe and flags")))
+    if label_dim != len(train_set.classes):  # SSL labels of another width: the student predicts no classes
+        ctx.print(f"note: the student learns {label_dim}-d teacher outputs, not the {len(train_set.classes)} "
+                  f"classes: no val accuracy (evaluate its features with a linear probe)")
+        return student, cfg, {}
+    transform = eval_transform(args.input_size, cfg["crop_pct"], cfg["interpolation"])
+    return student, cfg, eval_sets(root, args.val_data, transform, train_set.classes, args.batch_size,
+                                   args.workers, ctx)
+
+
+def store_is_ready(args):
+    """True: train from the complete store at --labels; False: (finish) labelling into it."""
+    existing = LabelStore.open(args.labels) if LabelStore.is_store(args.labels) else None
+    if existing is not None and existing.complete and not args.overwrite_labels:
+        return True
+    if args.mode == "show" or (existing is not None and existing.imported and not args.overwrite_labels):
+        raise StoreError(f"no complete label store at {args.labels}; make it with --mode label (or finish an "
+                         f"import with --mode import)")
+    return False
+
+
+def prepare_store(args, ctx, train_set, teachers, label_dim, precision):
+    """Label the images not labelled yet (rank 0 creates or reopens the store) and return it."""
+    recorded = [{"name": ex["name"], "sha256": ex["sha256"], **ex["data_config"]} for _, ex in teachers]
+    meta = label_identity(train_set, recorded, args.codec, args.k, args.stored_crops, args.crop_scale,
+                          args.crop_ratio, args.temperature, args.stores, args.seed, label_dim)
+    if precision != "float32":  # recorded only when not the official fp32
+        meta["teacher_precision"] = precision
+    if not LabelStore.is_store(args.labels) or args.overwrite_labels:
+        ctx.print(describe_store(args.labels, meta))
+    marker = failure_marker(args.labels)
+    on_every_rank(ctx, lambda: (lock_store(args.labels, ctx.print), os.path.exists(marker) and os.remove(marker),
+                                open_for_generation(args.labels, meta, args.overwrite_labels)),
+                  (DataError, ModelError, StoreError, ckpt.CheckpointError), StoreError)
+    return generate_labels(args, ctx, train_set, teachers, open_shared(ctx, args.labels, writable=True))
+
+
+def run(args, explicit, ctx):
+    start = time.time()
+    root = demo.ensure_data(ctx) if args.data == "demo" else args.data
+    tag = "demo" if args.data == "demo" else os.path.basename(os.path.normpath(args.data)) or "data"
+    if args.data == "demo" and args.mode not in ("ce", "import"):
+        args.teacher = demo.resolve_teachers(args.teacher, [DEMO_TEACHER], ctx, log=ctx.print)
+    check_args(args, explicit, ctx.world)
+    ctx.print(describe_recipe(args, explicit))
+    if args.amp and ctx.device.type != "cuda":
+        ctx.print("note: --amp applies to CUDA only; running in fp32 on CPU")
+    train_set = image_folder(root, "train")
+    if args.mode == "import":  # the authors' released label files -> a store
+        from common.released import import_labels
+        path = args.labels or os.path.join("runs", "fkd_labels", f"{tag}-imported")
+        store = import_labels(args.import_from, train_set, path, layout=args.import_layout, ctx=ctx,
+                              label_type=args.import_label_type, workers=args.workers)
+        return ctx.print(f"train with: python fkd.py --data {args.data} --labels {store.path}")
+
+    # every input is checked before label generation: data, val sets, student, teachers
+    label_dim = (args.label_dim or len(train_set.classes)) if args.stores == "logits" else len(train_set.classes)
+    student, student_cfg, val_sets = None, None, {}
+    if args.mode in ("fkd", "online", "ce") or args.eval_only:
+        student, student_cfg, val_sets = build_student(args, ctx, root, train_set, label_dim)
+    if args.eval_only:
+        result = evaluate(student.to(ctx.device), val_sets["val"], ctx, student_cfg["mean"], student_cfg["std"],
+                          args)
+        return ctx.print(f"eval {args.init or args.arch}: top-1 {result['top1']:.2f}% "
+                         f"top-5 {result['top5']:.2f}% on {result['count']} images")
+    if args.mode != "label":  # before any labelling: a bad --out is reported now, and OUT is locked
+        args.out = ckpt.resolve_out(args.out, os.path.join("runs", f"fkd_{tag}_{args.mode}"), ctx, args.resume)
+    teachers_identity = teacher_identity(args.teacher or []) if args.mode != "ce" else []
+    store, precision = None, ctx.teacher_autocast(args)[1]
+    if args.mode in ("fkd", "label", "show"):
+        args.labels = ctx.broadcast_object(args.labels or default_store_path(
+            tag, root, args, teachers_identity, label_dim, precision))
+        # rank 0 decides for the job: every rank then opens the same store, or all stop in one sentence
+        if on_every_rank(ctx, lambda: store_is_ready(args), (StoreError, OSError), StoreError, share_result=True):
+            store = open_shared(ctx, args.labels)
+    labelling = store is None and args.mode in ("fkd", "label")
+    if labelling and args.codec in ("ms", "mr") and args.k >= label_dim:
+        raise SystemExit(f"error: --k {args.k} must be smaller than the {label_dim} classes; lower --k")
+    # teachers: to label, for online KD, and to score the demo teacher
+    need_teachers = args.mode == "online" or labelling or (args.data == "demo" and args.mode in ("fkd", "online"))
+    teachers = load_teachers(args.teacher, label_dim, ctx.device) if need_teachers else []
+    for _, tex in teachers:
+        ctx.print("teacher " + describe_data_config(tex))
+    if labelling:
+        store = prepare_store(args, ctx, train_set, teachers, label_dim, precision)
+    if store is not None:
+        ctx.print(describe_store(args.labels, store=store))
+        check_for_training(store, args, explicit, train_set, teachers_identity, label_dim, SIZE_CHECK_LIMIT,
+                           ctx.print)
+    if args.mode == "show" and ctx.main:
+        ctx.print("wrote " + show_labels(store, train_set, os.path.join(args.out, "labels.png"),
+                                         args.temperature, args.show_images))
+    if args.mode in ("label", "show"):
+        return
+
+    teacher_top1 = None
+    if args.data == "demo" and teachers:
+        teacher, cfg = teachers[0][0], teachers[0][1]["data_config"]
+        tval = eval_sets(root, [], eval_transform(cfg["input_size"], cfg["crop_pct"], cfg["interpolation"]),
+                         train_set.classes, args.batch_size, args.workers, ctx)["val"]
+        teacher_top1 = evaluate(teacher, tval, ctx, cfg["mean"], cfg["std"], args, desc="teacher")["top1"]
+    metrics, best, train_time = train(args, ctx, train_set, val_sets, store,
+                                      teachers if args.mode == "online" else [], student, student_cfg)
+    if not metrics:  # --resume auto on a run that had already finished: nothing trained, keep its summary
+        return ctx.print(f"FKD: {args.out} already holds a finished run of {args.epochs} epochs; nothing to do "
+                         f"(its results are in {os.path.join(args.out, 'summary.json')})")
+    top1 = metrics["val_top1"]
+    ctx.print(f"FKD summary: mode {args.mode}, student {args.arch}, {args.epochs} epochs, "
+              + (f"teacher top-1 {teacher_top1:.2f}%, " if teacher_top1 is not None else "")
+              + (f"student top-1 {top1:.2f}% (best {best:.2f}%), " if not math.isnan(top1) else
+                 f"final train loss {metrics['train_loss']:.4f} (no val accuracy for {label_dim}-d labels), ")
+              + f"train {train_time:.0f}s, total {time.time() - start:.0f}s, out {args.out}")
+    if ctx.main:
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(dict(mode=args.mode, recipe=args.recipe, teacher_top1=teacher_top1, final=metrics,
+                           best_top1=best, train_time=train_time, total_time=time.time() - start), f, indent=1)
+
+
+# ---------- Command line: recipes, flags, checks, main -------------------------------------------
 L2_TEACHER = "tf_efficientnet_l2.ns_jft_in1k_475"
-RESNET50 = dict(arch="resnet50", teacher=[L2_TEACHER], stored_crops=500, crop_scale=(0.08, 0.936),
+RESNET50 = dict(arch="resnet50", teacher=[L2_TEACHER], stored_crops=500, crop_scale=[0.08, 0.936],
                 codec="ms", k=5, epochs=300, batch_size=1024, num_crops=4, opt="sgd", lr_rule=(0.1, 512),
                 wd=1e-4, wd_params="all", zero_init_last=False, warmup_epochs=5, warmup_lr=1e-5,
                 min_lr=0.0, color_jitter=0.4, input_size=224, crop_pct=0.875, label_batch=125, workers=8)
@@ -307,13 +408,12 @@ RECIPES = {
     "resnet50": dict(RESNET50, reported="80.1% top-1, ResNet-50 (Table 3, with warmup and colour jitter)"),
     # Table 3 "w/o warmup & colorj": train_FKD.py as its README runs it (--lr 0.1 -b 1024, unscaled)
     "resnet50-plain": dict(RESNET50, warmup_epochs=0, warmup_lr=0.0, color_jitter=0.0, lr_rule=(0.1, 1024),
-                           reported="79.8% top-1, ResNet-50 (Table 3, w/o warmup & colour jitter; "
-                                    "train_FKD.py)"),
+                           reported="79.8% top-1, ResNet-50 (Table 3, w/o warmup & colorj; train_FKD.py)"),
     # Table 5 "ViT w/ FKD": train_ViT_FKD.py (timm AdamW, cosine, 5 single-crop warmup epochs)
     "vit": dict(RESNET50, arch="deit_tiny_patch16_224", opt="adamw", lr_rule=(0.002, 1024), wd=0.05,
                 wd_params="weights", zero_init_last=None, min_lr=1e-5, color_jitter=0.0,
                 reported="75.2% top-1, ViT-T (Table 5; train_ViT_FKD.py)"),
-    "demo": dict(arch="test_efficientnet", teacher=None, stored_crops=16, crop_scale=(0.08, 1.0),
+    "demo": dict(arch="test_efficientnet", teacher=None, stored_crops=16, crop_scale=[0.08, 1.0],
                  codec="ms", k=5, epochs=16, batch_size=64, num_crops=4, opt="sgd", lr_rule=(0.8, 512),
                  wd=5e-4, wd_params="weights", zero_init_last=None, warmup_epochs=0, warmup_lr=0.0,
                  min_lr=0.0, color_jitter=0.0, input_size=64, crop_pct=1.0, label_batch=128, workers=2,
@@ -321,6 +421,7 @@ RECIPES = {
 }
 DEMO_TEACHER = "test_resnet"
 SIZE_CHECK_LIMIT = 50_000  # images whose sizes are checked at start; larger sets: as each is loaded
+# not recorded in (nor compared with) a checkpoint: they only steer labels or output
 NOT_TRAINING_FLAGS = ("overwrite_labels", "import_from", "import_layout", "import_label_type", "show_images")
 
 
@@ -399,17 +500,14 @@ def lr_rule(args, recipe):
 def describe_recipe(args, explicit):
     """One line: the recipe in use and every value that differs from it."""
     recipe = RECIPES[args.recipe]
-    listed = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    (base, per), paper = lr_rule(args, recipe), recipe["reported"]
     diffs = [f"--{key.replace('_', '-')} {getattr(args, key)} (recipe {value})" for key, value in recipe.items()
-             if key not in ("reported", "lr_rule", "label_batch", "workers") and key in explicit
-             and listed(getattr(args, key)) != listed(value)]
-    base, per = lr_rule(args, recipe)
+             if key in explicit and key not in ("label_batch", "workers") and getattr(args, key) != value]
     if "lr" in explicit or args.opt != recipe["opt"]:
         diffs.append(f"--lr {args.lr:g} (recipe {base:g} x batch/{per})")
-    head = f"recipe {args.recipe}: " + (f"the paper's {recipe['reported']}" if recipe["reported"]
-                                        else "laptop-sized, no paper number")
-    return head + ("; differs from it in " + ", ".join(diffs) if diffs else "; no changes") + \
-        (f"; lr {args.lr:g} for batch {args.batch_size}" if "lr" not in explicit else "")
+    return (f"recipe {args.recipe}: " + (f"the paper's {paper}" if paper else "laptop-sized, no paper number")
+            + ("; differs from it in " + ", ".join(diffs) if diffs else "; no changes")
+            + (f"; lr {args.lr:g} for batch {args.batch_size}" if "lr" not in explicit else ""))
 
 
 def check_args(args, explicit, world):
@@ -419,9 +517,8 @@ def check_args(args, explicit, world):
              f"by --num-crops x processes = {args.num_crops * world}"),
             (args.mode == "fkd" and args.num_crops > args.stored_crops, f"--num-crops {args.num_crops} exceeds "
              f"the {args.stored_crops} crops stored per image; lower --num-crops or raise --stored-crops"),
-            (args.crop_scale[0] > args.crop_scale[1],
-             f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g} needs low <= high"),
-            (args.crop_ratio[0] > args.crop_ratio[1], "--crop-ratio needs low <= high"),
+            *[(low > high, f"--{flag} {low:g} {high:g} needs low <= high")
+              for flag, (low, high) in (("crop-scale", args.crop_scale), ("crop-ratio", args.crop_ratio))],
             (args.stores == "logits" and args.codec != "full", "--stores logits needs --codec full"),
             (args.stores == "logits" and len(args.teacher or []) > 1, "--stores logits takes one --teacher"),
             (args.stores == "logits" and args.mode not in ("fkd", "label", "show"), "--stores logits describes "
@@ -435,158 +532,10 @@ def check_args(args, explicit, world):
             raise SystemExit(f"error: {message}")
 
 
-def training_flags(args):
-    """The flags recorded in (and compared with) a checkpoint: not those that only steer labels or output."""
-    return argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in NOT_TRAINING_FLAGS})
-
-
-def data_tag(data):
-    return "demo" if data == "demo" else os.path.basename(os.path.normpath(data)) or "data"
-
-
 def main(argv=None):
     args, explicit = parse_args(argv)
-    run_main(lambda ctx: run(args, explicit, ctx), args,
-             (DataError, ModelError, StoreError, FloatingPointError))
-
-
-def build_student(args, ctx, root, train_set, label_dim):
-    """The student (initial weights from the seed alone), its data config, and its val loaders."""
-    kwargs = {}
-    if args.zero_init_last is not None and timm.models.is_model_in_modules(args.arch.split(".")[0], ["resnet"]):
-        kwargs["zero_init_last"] = args.zero_init_last  # a timm ResNet option
-    with seeded(args.seed):
-        student, extra = create(init_spec(args.init, args.arch), label_dim,
-                                pretrained_head="reset" if args.init else "none", **kwargs)
-    # train crops and eval resize use the official protocol (bilinear, resize 256 / crop 224 at 224)
-    cfg = dict(extra["data_config"], input_size=args.input_size, crop_pct=args.crop_pct,
-               interpolation=args.interpolation)
-    ctx.print("student " + describe_data_config(dict(extra, data_config=cfg,
-                                                     data_config_source="the recipe and flags")))
-    val_sets = {}
-    if label_dim == len(train_set.classes):  # SSL labels of another width: the student predicts no classes
-        transform = eval_transform(args.input_size, cfg["crop_pct"], cfg["interpolation"])
-        val_sets = eval_sets(root, args.val_data, transform, train_set.classes, args.batch_size, args.workers,
-                             ctx)
-    else:
-        ctx.print(f"note: the student learns {label_dim}-d teacher outputs, not the {len(train_set.classes)} "
-                  f"classes: no val accuracy (evaluate its features with a linear probe)")
-    return student, cfg, val_sets
-
-
-def prepare_store(args, ctx, train_set, teachers, teachers_identity, label_dim):
-    """Label the images not labelled yet (rank 0 creates or reopens the store) and return it."""
-    recorded = [{"name": ex["name"], "sha256": ex["sha256"], **ex["data_config"]} for _, ex in teachers]
-    meta = label_identity(train_set, recorded, args.codec, args.k, args.stored_crops, args.crop_scale,
-                          args.crop_ratio, args.temperature, args.stores, args.seed, label_dim)
-    if ctx.teacher_autocast(args)[1] != "float32":  # recorded only when not the official fp32
-        meta["teacher_precision"] = ctx.teacher_autocast(args)[1]
-    if not LabelStore.is_store(args.labels) or args.overwrite_labels:
-        ctx.print(describe_store(args.labels, meta))
-    marker = failure_marker(args.labels)
-    on_every_rank(ctx, lambda: (lock_store(args.labels, ctx.print), os.path.exists(marker) and os.remove(marker),
-                                open_for_generation(args.labels, meta, args.overwrite_labels)),
-                  (DataError, ModelError, StoreError, ckpt.CheckpointError), StoreError)
-    return generate_labels(args, ctx, train_set, teachers, open_shared(ctx, args.labels, writable=True))
-
-
-def store_is_ready(args):
-    """True: train from the complete store at --labels; False: (finish) labelling into it."""
-    existing = LabelStore.open(args.labels) if LabelStore.is_store(args.labels) else None
-    if existing is not None and existing.complete and not args.overwrite_labels:
-        return True
-    if args.mode == "show" or (existing is not None and existing.imported and not args.overwrite_labels):
-        raise StoreError(f"no complete label store at {args.labels}; make it with --mode label (or finish an "
-                         f"import with --mode import)")
-    return False
-
-
-def run(args, explicit, ctx):
-    start = time.time()
-    root = demo.ensure_data(ctx) if args.data == "demo" else args.data
-    if args.data == "demo" and args.mode not in ("ce", "import"):
-        args.teacher = demo.resolve_teachers(args.teacher, [DEMO_TEACHER], ctx, log=ctx.print)
-    check_args(args, explicit, ctx.world)
-    ctx.print(describe_recipe(args, explicit))
-    if args.amp and ctx.device.type != "cuda":
-        ctx.print("note: --amp applies to CUDA only; running in fp32 on CPU")
-    train_set = image_folder(root, "train")
-    num_classes = len(train_set.classes)
-    if args.mode == "import":  # the authors' released label files -> a store
-        from common.released import import_labels
-        path = args.labels or os.path.join("runs", "fkd_labels", f"{data_tag(args.data)}-imported")
-        store = import_labels(args.import_from, train_set, path, layout=args.import_layout, ctx=ctx,
-                              label_type=args.import_label_type, workers=args.workers)
-        return ctx.print(f"train with: python fkd.py --data {args.data} --labels {store.path}")
-
-    # every input is checked before label generation: data, val sets, student, teachers
-    label_dim = (args.label_dim or num_classes) if args.stores == "logits" else num_classes
-    student, student_cfg, val_sets = None, None, {}
-    if args.mode in ("fkd", "online", "ce") or args.eval_only:
-        student, student_cfg, val_sets = build_student(args, ctx, root, train_set, label_dim)
-    if args.eval_only:
-        result = evaluate(student.to(ctx.device), val_sets["val"], ctx, student_cfg["mean"], student_cfg["std"],
-                          args)
-        return ctx.print(f"eval {args.init or args.arch}: top-1 {result['top1']:.2f}% "
-                         f"top-5 {result['top5']:.2f}% on {result['count']} images")
-    if args.mode != "label":  # before any labelling: a bad --out is reported now, and OUT is locked
-        args.out = ckpt.resolve_out(args.out, os.path.join("runs", f"fkd_{data_tag(args.data)}_{args.mode}"),
-                                    ctx, args.resume)
-    teachers_identity = teacher_identity(args.teacher or []) if args.mode != "ce" else []
-    store = None
-    precision = ctx.teacher_autocast(args)[1]
-    if args.mode in ("fkd", "label", "show"):
-        args.labels = ctx.broadcast_object(args.labels or default_store_path(
-            data_tag(args.data), root, args, teachers_identity, label_dim, precision))
-        # rank 0 decides for the job: every rank then opens the same store, or all stop in one sentence
-        if on_every_rank(ctx, lambda: store_is_ready(args), (StoreError, OSError), StoreError, share_result=True):
-            store = open_shared(ctx, args.labels)
-    labelling = store is None and args.mode in ("fkd", "label")
-    if labelling and args.codec in ("ms", "mr") and args.k >= label_dim:
-        raise SystemExit(f"error: --k {args.k} must be smaller than the {label_dim} classes; lower --k")
-    # teachers: to label, for online KD, and to score the demo teacher
-    need_teachers = args.mode == "online" or labelling or (args.data == "demo" and args.mode in ("fkd", "online"))
-    teachers = load_teachers(args.teacher, label_dim, ctx.device) if need_teachers else []
-    for _, tex in teachers:
-        ctx.print("teacher " + describe_data_config(tex))
-    if labelling:
-        store = prepare_store(args, ctx, train_set, teachers, teachers_identity, label_dim)
-    if store is not None:
-        ctx.print(describe_store(args.labels, store=store))
-        check_for_training(store, args, explicit, train_set, teachers_identity, label_dim, SIZE_CHECK_LIMIT,
-                           ctx.print)
-    if args.mode == "label":
-        return
-    if args.mode == "show":
-        if ctx.main:
-            ctx.print("wrote " + show_labels(store, train_set, os.path.join(args.out, "labels.png"),
-                                             args.temperature, args.show_images))
-        return
-
-    teacher_top1 = None
-    if args.data == "demo" and teachers:
-        teacher, cfg = teachers[0][0], teachers[0][1]["data_config"]
-        tval = eval_sets(root, [], eval_transform(cfg["input_size"], cfg["crop_pct"], cfg["interpolation"]),
-                         train_set.classes, args.batch_size, args.workers, ctx)["val"]
-        teacher_top1 = evaluate(teacher, tval, ctx, cfg["mean"], cfg["std"], args, desc="teacher")["top1"]
-    metrics, best, train_time = train(args, ctx, train_set, val_sets, store,
-                                      teachers if args.mode == "online" else [], student, student_cfg)
-    del teachers
-    if not metrics:  # --resume auto on a run that had already finished: nothing trained, keep its summary
-        return ctx.print(f"FKD: {args.out} already holds a finished run of {args.epochs} epochs; nothing to do "
-                         f"(its results are in {os.path.join(args.out, 'summary.json')})")
-    top1 = metrics.get("val_top1", float("nan"))
-    ctx.print(f"FKD summary: mode {args.mode}, student {args.arch}, {args.epochs} epochs, "
-              + (f"teacher top-1 {teacher_top1:.2f}%, " if teacher_top1 is not None else "")
-              + (f"student top-1 {top1:.2f}% (best {best:.2f}%), " if not math.isnan(top1) else
-                 f"final train loss {metrics['train_loss']:.4f} (no val accuracy for {label_dim}-d labels), ")
-              + f"train {train_time:.0f}s, total {time.time() - start:.0f}s, out {args.out}")
-    if ctx.main:
-        with open(os.path.join(args.out, "summary.json"), "w") as f:
-            json.dump({"mode": args.mode, "recipe": args.recipe, "teacher_top1": teacher_top1,
-                       "final": metrics, "best_top1": best, "train_time": train_time,
-                       "total_time": time.time() - start}, f, indent=1)
+    run_main(lambda ctx: run(args, explicit, ctx), args, (DataError, ModelError, StoreError, FloatingPointError))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
