@@ -52,7 +52,7 @@ from torchvision import transforms
 from common import ckpt, demo, flags
 from common.data import (DataError, SeededItems, TaggedSampler, eval_sets, eval_transform, evaluate_sets,
                          image_folder, train_transform)
-from common.dist import epoch_generator, maybe_compile, run_main, seed_rank_epoch, seeded, unwrap
+from common.dist import EpochSums, epoch_generator, maybe_compile, run_main, seed_rank_epoch, seeded, unwrap
 from common.models import (ModelError, create, describe_data_config, init_spec, normalize, parse_spec,
                            read_checkpoint, state_dict_of)
 
@@ -64,19 +64,14 @@ def bake_soft_targets(features, logits, omega=0.5, temperature=4.0):
     soft targets"). N = 1 gives Q = P, as the official -1e9 diagonal does (A = [1])."""
     with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
         probs = F.softmax(logits.float() / temperature, dim=1)  # Eq. 1: P^T
-        n = probs.shape[0]
-        if n == 1:
-            return probs
         f = F.normalize(features.float(), dim=1)  # Eq. 3: sigma(f) = f / ||f||
-        eye = torch.eye(n, device=f.device)
-        # Eq. 3-4: A(i, j) = sigma(f_i)^T sigma(f_j), diagonal discarded, row softmax over j != i
-        # (as the official code: -1e9 on the diagonal before the softmax, where Algorithm 1 prints
-        # 1e-9, which would keep the diagonal; no temperature on A)
+        eye = torch.eye(len(f), device=f.device)
+        # Eq. 3-4: A(i, j) = sigma(f_i)^T sigma(f_j), row softmax over j != i: -1e9 on the diagonal as the
+        # official code (Algorithm 1 prints 1e-9, which would keep the diagonal); no temperature on A
         affinity = F.softmax(f @ f.t() - 1e9 * eye, dim=1)
         # Eq. 9: Q = (1 - w)(I - w A)^-1 P, a linear solve instead of the official explicit inverse;
         # 0 <= w < 1, A row-stochastic: I - wA is never singular, so no check (no wait for the GPU)
-        solution, _ = torch.linalg.solve_ex(eye - omega * affinity, probs, check_errors=False)
-        return (1 - omega) * solution
+        return (1 - omega) * torch.linalg.solve_ex(eye - omega * affinity, probs, check_errors=False)[0]
 
 
 def propagate_iteratively(affinity, probs, omega, steps):
@@ -137,22 +132,20 @@ def distinct_offsets(rng, counts, m):
 
 
 class PerClassBatchSampler(Sampler):
-    """Batches of N anchors, each followed by M other images of its class; every image is an anchor
-    once per epoch, all draws from (seed, epoch), each rank whole tuples and disjoint anchors.
-    Companions without replacement when the class has M others (official), else with replacement;
-    a one-image class repeats the anchor (differs from the official sampler: it drops them, which
-    shifts the batches). M = 0: plain random batches."""
+    """Batches of N anchors, each followed by M other images of its class (M = 0: plain random batches);
+    every image an anchor once per epoch, all draws from (seed, epoch), each rank whole tuples and
+    disjoint anchors. Companions without replacement when the class has M others (official), else with
+    replacement; a one-image class repeats the anchor (the official sampler drops them: differs)."""
 
     def __init__(self, targets, anchors_per_batch, per_class=1, rank=0, world=1, seed=0):
-        self.targets = np.asarray(targets, dtype=np.int64)
+        self.targets = targets = np.asarray(targets, dtype=np.int64)
         self.anchors_per_batch, self.per_class = anchors_per_batch, per_class
         self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
-        self.order = np.argsort(self.targets, kind="stable")  # image indices grouped by class
-        self.class_size = np.bincount(self.targets)
+        self.order = np.argsort(targets, kind="stable")  # image indices grouped by class
+        self.class_size = np.bincount(targets)
         self.class_start = np.concatenate([[0], np.cumsum(self.class_size)[:-1]])
-        self.pos_in_class = np.empty(len(self.targets), dtype=np.int64)
-        first = self.class_start[self.targets[self.order]]  # of each image's class, in class order
-        self.pos_in_class[self.order] = np.arange(len(self.order)) - first
+        self.pos_in_class = np.empty_like(targets)  # each image's place in its class
+        self.pos_in_class[self.order] = np.arange(len(targets)) - self.class_start[targets[self.order]]
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -163,13 +156,11 @@ class PerClassBatchSampler(Sampler):
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
         anchors = rng.permutation(len(self.targets))[: len(self) * self.anchors_per_batch * self.world]
-        tuples = anchors[:, None]
-        if self.per_class > 0:
-            cls = self.targets[anchors]
-            size = self.class_size[cls][:, None]
-            offsets = distinct_offsets(rng, size[:, 0] - 1, self.per_class)  # among the size - 1 others
-            pick = (self.pos_in_class[anchors][:, None] + 1 + offsets) % size  # skips the anchor itself
-            tuples = np.concatenate([tuples, self.order[self.class_start[cls][:, None] + pick]], axis=1)
+        cls = self.targets[anchors]
+        size = self.class_size[cls]
+        offsets = distinct_offsets(rng, size - 1, self.per_class)  # among the size - 1 others; M = 0: none
+        pick = (self.pos_in_class[anchors][:, None] + 1 + offsets) % size[:, None]  # skips the anchor itself
+        tuples = np.concatenate([anchors[:, None], self.order[self.class_start[cls][:, None] + pick]], axis=1)
         for batch in tuples.reshape(len(self), self.world, self.anchors_per_batch, -1)[:, self.rank]:
             yield batch.reshape(-1).tolist()
 
@@ -177,8 +168,7 @@ class PerClassBatchSampler(Sampler):
 # --- What the recipes train with: lighting, the CIFAR network, schedule, precise BN --------------
 # Eigenvalues, eigenvectors (columns) of ImageNet's RGB covariance in [0, 1]: fb.resnet.torch's, as pycls
 IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
-IMAGENET_PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140),
-                       (-0.5836, -0.6948, 0.4203))
+IMAGENET_PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 
 
 class PCALighting(nn.Module):
@@ -200,8 +190,7 @@ class PreActBlock(nn.Module):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        projection = stride != 1 or cin != cout
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if projection else None
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
@@ -223,7 +212,6 @@ class CifarPreActResNet18(nn.Module):
             blocks += [PreActBlock(cin, width, stride), PreActBlock(width, width, 1)]
             cin = width
         self.blocks, self.linear = nn.Sequential(*blocks), nn.Linear(512, num_classes)
-        self.num_classes = num_classes
 
     def forward_features(self, x):
         return self.blocks(F.relu(self.bn1(self.conv1(x))))
@@ -241,6 +229,9 @@ class CifarPreActResNet18(nn.Module):
 
 CIFAR_ARCH = "cifar_preact_resnet18"
 CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # official small_scale CIFAR
+# BN -> SyncBatchNorm (Table 13: per-GPU BN on per-class batches collapses BAKE to 74.7%), by timm's
+# converter: torch's turns timm's BatchNormAct2d into a SyncBatchNorm without activation
+with_sync_batchnorm = timm.layers.convert_sync_batchnorm
 
 
 def build_classifier(arch, init, num_classes):
@@ -252,9 +243,8 @@ def build_classifier(arch, init, num_classes):
             try:
                 model.load_state_dict(state_dict_of(read_checkpoint(path)))
             except RuntimeError as error:
-                first = str(error).splitlines()[0]
-                raise ModelError(f"weights {path} do not fit {CIFAR_ARCH} ({first}); pass weights "
-                                 f"saved by bake.py --arch {CIFAR_ARCH}") from None
+                raise ModelError(f"weights {path} do not fit {CIFAR_ARCH} ({str(error).splitlines()[0]}); "
+                                 f"pass weights saved by bake.py --arch {CIFAR_ARCH}") from None
         return model, {"name": arch, "source": path or "random init", "data_config": None}
     head = "reset" if spec != arch else "none"
     try:  # timm ResNets zero-init each block's last BN gamma; pycls does not (ZERO_INIT_FINAL_GAMMA)
@@ -265,17 +255,10 @@ def build_classifier(arch, init, num_classes):
         return create(spec, num_classes, pretrained_head=head)  # no such option: no zero init
 
 
-def with_sync_batchnorm(model):
-    """BN -> SyncBatchNorm (Table 13: per-GPU BN on per-class batches collapses BAKE to 74.7%), by
-    timm's converter: torch's turns timm's BatchNormAct2d into a SyncBatchNorm without activation."""
-    return timm.layers.convert_sync_batchnorm(model)
-
-
 def epoch_lr(epoch, args):
-    """The lr of a 0-based epoch, set once per epoch (both official codes). cosine (pycls): lr/2
-    (1 + cos(pi e / E)) times the warmup factor w (1 - e/W) + e/W for e < W. step (small_scale):
-    x0.1 after more than 1/2 and after more than 3/4 of the epochs (E = 200: 1-based epochs 1-101
-    at lr, 102-151 at lr/10, 152-200 at lr/100)."""
+    """The lr of 0-based epoch e, set once per epoch (both official codes). cosine (pycls): lr/2 (1 +
+    cos(pi e / E)) times the warmup factor w (1 - e/W) + e/W for e < W. step (small_scale): x0.1 after
+    more than 1/2 and more than 3/4 of E (E = 200: 1-based epochs 1-101 lr, 102-151 lr/10, 152-200 lr/100)."""
     if args.schedule == "cosine":
         lr = 0.5 * args.lr * (1.0 + math.cos(math.pi * epoch / args.epochs))
     else:
@@ -288,29 +271,24 @@ def epoch_lr(epoch, args):
 
 @torch.no_grad()
 def precise_bn_stats(model, batches):
-    """pycls's "precise BN" (USE_PRECISE_STATS), as the official runs did it: the running mean and
-    variance of every nn.BatchNorm2d become the mean over `batches` (and ranks) of each batch's own
-    statistics; the forwards run in training mode. SyncBatchNorm is not an nn.BatchNorm2d: under
-    SYNC_BN (every official BAKE ImageNet config, the paper's 78.0%) nothing is recomputed and the
-    forwards only move its running statistics with its momentum (0.1), as in the official code.
-    Returns the number of batches."""
-    plain = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    momenta = [m.momentum for m in plain]
-    for m in plain:
+    """pycls's "precise BN" (USE_PRECISE_STATS) as the official runs did it: every nn.BatchNorm2d's
+    running mean and variance become the mean over `batches` (and ranks) of each batch's own
+    statistics, forwards in training mode. SyncBatchNorm is no nn.BatchNorm2d: under SYNC_BN (every
+    official BAKE ImageNet config, the paper's 78.0%) nothing is recomputed, the forwards only move
+    its running statistics with its momentum (0.1), as officially. Returns the number of batches."""
+    plain = [(m, m.momentum) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m, _ in plain:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average: the mean of the batches' statistics
     was_training, count = model.training, 0
     model.train()
-    for images in batches:
+    for count, images in enumerate(batches, 1):
         model(images)
-        count += 1
     model.train(was_training)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    for m, momentum in zip(plain, momenta):
+    for m, momentum in plain:
         m.momentum = momentum
-        for stat in (m.running_mean, m.running_var) if world > 1 else ():
-            dist.all_reduce(stat)
-            stat /= world
+        for stat in (m.running_mean, m.running_var):  # the mean over ranks
+            stat.copy_(gather_rows(stat[None]).mean(0))
     return count
 
 
@@ -356,27 +334,15 @@ def build_network(args, ctx, num_classes):
     return net, cfg
 
 
-def prepare_images(images, cfg, device, lighting=None, lighting_std=0.0, generator=None):
-    """uint8 loader batch -> normalized on the device, plus lighting noise from a device generator."""
-    images = normalize(images.to(device, non_blocking=True), cfg["mean"], cfg["std"])
-    if lighting is not None and lighting_std > 0:
-        alpha = torch.randn(len(images), 3, generator=generator, device=device) * lighting_std
-        images = lighting(images, alpha)
-    return images
-
-
 def train_step(net, images, labels, optimizer, scaler, args, ctx):
     """Forward, soft targets, Eq. 2, backward, step. Returns device tensors (loss, ce, kd, correct)."""
     with ctx.autocast(args):
         features, logits = net(images)
-    logits = logits.float()
-    targets = None
-    if args.lam > 0 and args.local_ensembling:
-        targets = bake_soft_targets(features, logits, args.omega, args.temperature)
-    elif args.lam > 0:  # GLOBAL_KE: one affinity matrix over all ranks' images, keep this rank's rows
-        rows = slice(ctx.rank * len(labels), (ctx.rank + 1) * len(labels))
-        targets = bake_soft_targets(gather_rows(features.detach().float()), gather_rows(logits.detach()),
-                                    args.omega, args.temperature)[rows]
+    logits, targets = logits.float(), None
+    if args.lam > 0:  # GLOBAL_KE: one affinity matrix over all ranks' images (or per GPU), this rank's rows
+        gather, rank = ((lambda t: t), 0) if args.local_ensembling else (gather_rows, ctx.rank)
+        targets = bake_soft_targets(gather(features.detach()), gather(logits.detach()), args.omega,
+                                    args.temperature)[rank * len(labels):(rank + 1) * len(labels)]
     loss, ce, kd = bake_loss(logits, labels, targets, args.lam, args.temperature)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -390,56 +356,52 @@ def train(args, ctx, train_items, val_sets, out):
     """Train one run into `out` from training_images(); returns (last metrics, best top-1, seconds)."""
     targets, num_classes = train_items.dataset.targets, len(train_items.dataset.classes)
     net, cfg = build_network(args, ctx, num_classes)
-    # every parameter decayed, BN and biases too (both official codes; no 1-d exemption)
-    optimizer = torch.optim.SGD(unwrap(net).parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.wd, nesterov=args.nesterov)
+    model = unwrap(net).model
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                                nesterov=args.nesterov)
     scaler = ctx.grad_scaler(args)
-    checkpoint = ckpt.Checkpointer(out, ctx, args.resume, args.overwrite, args=args,
-                                   model=unwrap(net).model, optimizer=optimizer, scaler=scaler)
+    checkpoint = ckpt.Checkpointer(out, ctx, args.resume, args.overwrite, args=args, model=model,
+                                   optimizer=optimizer, scaler=scaler)
     start_epoch, best = checkpoint.restore(num_classes)
     anchors = args.batch_size // (ctx.world * (args.per_class + 1))  # per rank and step
-    sampler = TaggedSampler(PerClassBatchSampler(targets, anchors, args.per_class, ctx.rank,
-                                                      ctx.world, args.seed))
+    sampler = TaggedSampler(PerClassBatchSampler(targets, anchors, args.per_class, ctx.rank, ctx.world,
+                                                 args.seed))
     if len(sampler) == 0:
         raise DataError(f"{len(targets)} training images make no batch of {args.batch_size} "
                         f"(anchors + same-class images, all processes); lower --batch-size")
     data = DataLoader(train_items, batch_sampler=sampler, num_workers=args.workers,
                       pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0)
     # pycls: int(8192 / global batch) batches, here at least one when on
-    precise = args.precise_bn_images and min(max(1, args.precise_bn_images // args.batch_size),
-                                             len(sampler))
+    precise = args.precise_bn_images and min(max(1, args.precise_bn_images // args.batch_size), len(sampler))
     lighting = PCALighting(cfg["std"]).to(ctx.device) if args.lighting > 0 else None
+
+    def prepare(images, generator):  # uint8 loader batch -> normalized on the device, + lighting noise
+        images = normalize(images.to(ctx.device, non_blocking=True), cfg["mean"], cfg["std"])
+        alpha = torch.randn(len(images), 3, generator=generator, device=ctx.device) * args.lighting
+        return images if lighting is None else lighting(images, alpha)
     metrics, run_start = {}, time.time()
     for epoch in range(start_epoch, args.epochs):
         seed_rank_epoch(args.seed, ctx.rank, epoch)  # dropout / drop-path: this rank's own stream
         noise = epoch_generator(args.seed, ctx.rank, epoch, 1, ctx.device)  # lighting alphas
         sampler.set_epoch(epoch, epoch)
-        lr = epoch_lr(epoch, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizer.param_groups[0]["lr"] = lr = epoch_lr(epoch, args)
         net.train()
-        sums, count = torch.zeros(4, dtype=torch.float64, device=ctx.device), 0  # loss, ce, kd, correct
-        epoch_start = time.time()
+        sums, epoch_start = EpochSums(ctx.device), time.time()  # on the device, read once per epoch
         for images, labels in ctx.bar(data, desc=f"epoch {epoch + 1}/{args.epochs}"):
-            images = prepare_images(images, cfg, ctx.device, lighting, args.lighting, noise)
+            images = prepare(images, noise)
             labels = labels.to(ctx.device, non_blocking=True)
             loss, ce, kd, correct = train_step(net, images, labels, optimizer, scaler, args, ctx)
-            n = len(labels)
-            sums += torch.stack([loss * n, ce * n, kd * n, correct.to(loss.dtype)])
-            count += n
-        # the sums stay on the device during the epoch and are read here, once
-        loss_sum, ce_sum, kd_sum, correct, seen = ctx.all_reduce_sum(sums.tolist() + [count])
-        ckpt.check_finite(loss_sum, epoch, out)
-        metrics = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_ce": ce_sum / seen,
-                   "train_kd": kd_sum / seen, "train_top1": 100 * correct / seen,
-                   "train_images": int(seen), "train_steps": len(sampler),
-                   "train_time": time.time() - epoch_start}
+            sums.add(len(labels), counts=("correct",), loss=loss, ce=ce, kd=kd, correct=correct)
+        means, seen = sums.means(ctx)
+        ckpt.check_finite(means["loss"], epoch, out)
+        metrics = {"epoch": epoch + 1, "lr": lr, "train_loss": means["loss"], "train_ce": means["ce"],
+                   "train_kd": means["kd"], "train_top1": 100 * means["correct"], "train_images": seen,
+                   "train_steps": len(sampler), "train_time": time.time() - epoch_start}
         if precise:  # pycls: after each epoch, on the first batches the train loader gives
             noise = epoch_generator(args.seed, ctx.rank, epoch, 2, ctx.device)
-            metrics["precise_bn_batches"] = precise_bn_stats(unwrap(net).model, (
-                prepare_images(batch, cfg, ctx.device, lighting, args.lighting, noise)
-                for batch, _ in itertools.islice(data, precise)))
-        metrics.update(evaluate_sets(unwrap(net).model, val_sets, ctx, cfg["mean"], cfg["std"], args))
+            metrics["precise_bn_batches"] = precise_bn_stats(model, (
+                prepare(batch, noise) for batch, _ in itertools.islice(data, precise)))
+        metrics.update(evaluate_sets(model, val_sets, ctx, cfg["mean"], cfg["std"], args))
         best = max(best, metrics["val_top1"])
         if checkpoint.end_epoch(metrics, best, args, arch=args.arch, num_classes=num_classes,
                                 data_config=cfg):
@@ -448,7 +410,9 @@ def train(args, ctx, train_items, val_sets, out):
 
 
 def run(args, runs, ctx):
-    """Load the data once, train each of `runs` (one, or the demo's two) into OUT, summarize."""
+    """Check `runs` (one, or the demo's two), load the data once, train each into OUT, summarize."""
+    for _, run_args in runs:
+        check_args(run_args, ctx)
     start = time.time()
     root = demo.ensure_data(ctx) if args.data == "demo" else args.data
     train_set = training_images(root, args, ctx.rank)
@@ -461,7 +425,7 @@ def run(args, runs, ctx):
         ctx.print(f"training {name}: {a.arch}, {a.epochs} epochs, batch {a.batch_size}, lr {a.lr:g}, "
                   f"lambda {a.lam:g}, M {a.per_class}, omega {a.omega:g}, T {a.temperature:g}")
         metrics, best, seconds = train(a, ctx, train_set, val_sets,
-                                       out if len(runs) == 1 else os.path.join(out, name))
+                                       os.path.join(out, name) if len(runs) > 1 else out)
         results[name] = {"final": metrics, "best_top1": best, "train_time": seconds}
     line = ", ".join(f"{name} top-1 {r['final']['val_top1']:.2f}% (best {r['best_top1']:.2f}%, "
                      f"{r['train_time']:.0f}s)" for name, r in results.items())
@@ -473,22 +437,22 @@ def run(args, runs, ctx):
 
 
 # --- Command line: recipes, flags, main ----------------------------------------------------------
+# Sec. 4.1 and the official pycls configs BAKE-R-50 / R-50 (lr = 0.2 x batch/256 for ResNets)
+IMAGENET = dict(arch="resnet50", epochs=100, batch_size=512, baseline_batch_size=256, per_class=1,
+                base_lr=0.2, wd=5e-5, nesterov=True, schedule="cosine", warmup_epochs=5, lighting=0.1,
+                precise_bn_images=8192, head_init_std=0.01, augment="rrc", input_size=224, crop_pct=0.875,
+                norm="model", workers=8)
 RECIPES = {
-    # Sec. 4.1 and the official pycls configs BAKE-R-50 / R-50 (lr = 0.2 x batch/256 for ResNets)
-    "imagenet": dict(arch="resnet50", epochs=100, batch_size=512, baseline_batch_size=256, per_class=1,
-                     omega=0.5, base_lr=0.2, wd=5e-5, nesterov=True, schedule="cosine", warmup_epochs=5,
-                     lighting=0.1, precise_bn_images=8192, head_init_std=0.01, augment="rrc",
-                     input_size=224, crop_pct=0.875, norm="model", workers=8),
+    "imagenet": IMAGENET,
     # Sec. 4.3 and the official small_scale scripts (CIFAR-100: 128 = 32 anchors x (M = 3 + 1))
     "cifar": dict(arch=CIFAR_ARCH, epochs=200, batch_size=128, baseline_batch_size=128, per_class=3,
-                  omega=0.5, base_lr=0.2, wd=1e-4, nesterov=False, schedule="step", warmup_epochs=0,
-                  lighting=0.0, precise_bn_images=0, head_init_std=None, augment="pad_crop",
-                  input_size=32, crop_pct=1.0, norm="cifar", workers=4),
+                  base_lr=0.2, wd=1e-4, nesterov=False, schedule="step", warmup_epochs=0, lighting=0.0,
+                  precise_bn_images=0, head_init_std=None, augment="pad_crop", input_size=32, crop_pct=1.0,
+                  norm="cifar", workers=4),
     # laptop-sized, shaped like the ImageNet recipe (no precise BN: it would cost more than an epoch)
-    "demo": dict(arch="test_efficientnet", epochs=16, batch_size=64, baseline_batch_size=32, per_class=1,
-                 omega=0.5, base_lr=0.4, wd=5e-4, nesterov=True, schedule="cosine", warmup_epochs=0,
-                 lighting=0.1, precise_bn_images=0, head_init_std=0.01, augment="rrc", input_size=64,
-                 crop_pct=1.0, norm="model", workers=2),
+    "demo": dict(IMAGENET, arch="test_efficientnet", epochs=16, batch_size=64, baseline_batch_size=32,
+                 base_lr=0.4, wd=5e-4, warmup_epochs=0, precise_bn_images=0, input_size=64, crop_pct=1.0,
+                 workers=2),
 }
 FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or action, help[, more]
     ("--data", str, "ImageFolder root with train/ and val/, or 'demo'", dict(required=True)),
@@ -497,7 +461,7 @@ FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or
     ("--out", str, "output folder (default: a fresh runs/bake_<recipe>[_baseline]/<time>)"),
     ("--arch", str, f"timm model or {CIFAR_ARCH} (resnet50; cifar: {CIFAR_ARCH})"),
     ("--init", str, "initial weights: timm tag or NAME=PATH (default: random)"),
-    ("--omega", flags.fraction_below_one, "ensembling weight w of Eq. 9"),
+    ("--omega", flags.fraction_below_one, "ensembling weight w of Eq. 9", dict(default=0.5)),
     ("--temperature", flags.positive_float, "T of Eq. 1-2", dict(default=4.0)),
     ("--lam", flags.nonneg_float, "lambda of Eq. 2, the KD weight", dict(default=1.0)),
     ("--per-class", flags.nonneg_int, "M same-class images per anchor"),
@@ -509,7 +473,7 @@ FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or
     ("--batch-size", flags.positive_int, "global images per step, anchors x (M + 1)"),
     ("--lr", flags.positive_float, "default 0.2 x batch/256 (ImageNet: 0.4 at 512)"),
     ("--base-lr", flags.positive_float, argparse.SUPPRESS),
-    ("--wd", flags.nonneg_float, "weight decay, on every parameter (official)"),
+    ("--wd", flags.nonneg_float, "weight decay on every parameter, BN and biases too (both official codes)"),
     ("--momentum", flags.fraction_below_one, "", dict(default=0.9)),
     ("--nesterov", argparse.BooleanOptionalAction, "Nesterov momentum"),
     ("--schedule", ["cosine", "step"], "cosine, or x0.1 after 1/2 and 3/4 of the epochs"),
@@ -534,14 +498,11 @@ def parse_args(argv=None, paired=False):
          "--lam 0 without --baseline)", ("lam", "per_class"))])
     args.recipe = "demo" if args.data == "demo" and args.recipe is None else (args.recipe or "imagenet")
     recipe = RECIPES[args.recipe]
-    if args.baseline:
-        if args.batch_size is None:
-            args.batch_size = recipe["baseline_batch_size"]
+    if args.baseline:  # forced: the demo's pair passes BAKE's typed flags here too
         args.lam, args.per_class = 0.0, 0
+        args.batch_size = args.batch_size or recipe["baseline_batch_size"]
         args.sync_bn = "off" if args.sync_bn == "auto" else args.sync_bn
-    for key, value in recipe.items():
-        if key in vars(args) and getattr(args, key) is None:
-            setattr(args, key, value)
+    vars(args).update({key: value for key, value in recipe.items() if vars(args).get(key, 0) is None})
     if args.lr is None:
         args.lr = args.base_lr * args.batch_size / 256  # the paper's lr = base_lr x batch/256
     return args
@@ -551,9 +512,8 @@ def check_args(args, ctx):
     """Refuse what the flags cannot mean together, in one sentence, before any work."""
     group = ctx.world * (args.per_class + 1)
     if args.batch_size % group:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of processes x "
-                         f"(M + 1) = {ctx.world} x {args.per_class + 1} = {group}; pass a --batch-size "
-                         f"that is")
+        raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of processes x (M + 1) = "
+                         f"{ctx.world} x {args.per_class + 1} = {group}; pass a --batch-size that is")
 
 
 def runs_of(args, argv):
@@ -568,13 +528,8 @@ def runs_of(args, argv):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-
-    def work(ctx):
-        runs = runs_of(args, argv)
-        for _, run_args in runs:
-            check_args(run_args, ctx)
-        run(args, runs, ctx)
-    run_main(work, args, (DataError, ModelError, FloatingPointError))
+    run_main(lambda ctx: run(args, runs_of(args, argv), ctx), args,
+             (DataError, ModelError, FloatingPointError))
 
 
 if __name__ == "__main__":
