@@ -51,13 +51,12 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from common import ckpt, demo, flags
 from common.data import (DataError, FreshCrops, TaggedSampler, eval_loader, eval_sets, eval_transform, evaluate,
                          evaluate_sets, image_folder, loader, to_device)
-from common.dist import derive_seed, maybe_compile, run_main, seed_rank_epoch, seeded, unwrap
+from common.dist import EpochSums, derive_seed, maybe_compile, run_main, seed_rank_epoch, seeded, unwrap
 from common.labels import (LabelStore, StoreError, StoredCrops, decode, decode_stored_batch, encode,
                            free_bytes, human_bytes, image_list_hash, teacher_identity)
 from common.models import (ModelError, create, describe_data_config, init_spec, load_teachers,
@@ -95,11 +94,8 @@ def discriminator_loss(discriminator, student, teacher):
     targets = torch.zeros_like(outputs)
     targets[:len(student), 0] = 1.0  # student = [1, 0]
     targets[len(student):, 1] = 1.0  # teacher ensemble = [0, 1]
-    if len(sides) == 1:
-        return F.binary_cross_entropy_with_logits(outputs, targets)  # Eq. 4
+    weights = torch.cat([outputs.new_full((len(rows),), float(w)) for w, rows in [(1.0, student), *sides]])
     per_row = F.binary_cross_entropy_with_logits(outputs, targets, reduction="none").sum(dim=1)
-    weights = torch.cat([torch.ones(len(student), device=outputs.device)]
-                        + [torch.full((len(rows),), float(w), device=outputs.device) for w, rows in sides])
     return (per_row * weights).sum() / (4 * len(student))  # Eq. 4: the mean over 2B rows x 2 outputs
 
 
@@ -196,10 +192,10 @@ def batch_targets(crops, views, stored, labels, teachers, num_classes, args, ctx
 
 
 def pass_plan(epochs, m, drops):
-    """[(first epoch, crops per image)]: with --labels a pass over the images with m stored crops each
-    is m epochs (official FKD_train.py: `for epoch in range(0, epochs, m)`). A pass never crosses an
-    lr drop (`drops`: an epoch or a list) or the end: epochs left before either run one crop per
-    image, one epoch per pass (FKD's single-crop tail), so every logged epoch is an epoch."""
+    """[(first epoch, crops per image)]: with --labels one pass of m stored crops per image is m epochs
+    (official FKD_train.py: `for epoch in range(0, epochs, m)`). So that every logged epoch is an epoch, no
+    pass crosses an lr drop (`drops`: one or a list) or the end: the epochs left before either run one crop
+    per image, one epoch per pass (FKD's single-crop tail)."""
     plan, epoch, drops = [], 0, [drops] if isinstance(drops, int) else drops
     for end in sorted({min(drop, epochs) for drop in drops} | {epochs}):
         while epoch < end:
@@ -209,7 +205,7 @@ def pass_plan(epochs, m, drops):
 
 
 def clock(cuda):
-    """A step boundary: a CUDA event, read once per epoch (no host sync per step), or perf_counter."""
+    """A step boundary: a CUDA event (read once per epoch: no host sync per step), or perf_counter."""
     if not cuda:
         return time.perf_counter()
     event = torch.cuda.Event(enable_timing=True)
@@ -217,23 +213,12 @@ def clock(cuda):
     return event
 
 
-def median_step(marks, cuda):
-    """The median seconds of [(start, end), ...] from clock() (one synchronization on CUDA)."""
-    if cuda:
-        torch.cuda.synchronize()
-    times = [start.elapsed_time(end) / 1000 if cuda else end - start for start, end in marks]
-    return float(np.median(times)) if times else float("nan")
-
-
 def build_training(student, num_classes, args, ctx):
     """The student (and discriminator) on the device, ONE SGD holding both (official), the scaler."""
-    model = student.to(ctx.device)
-    if ctx.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    discriminator = None
-    if not (args.no_disc or args.no_teachers):
-        with seeded(args.seed):  # the same initial weights on every rank
-            discriminator = Discriminator(num_classes).to(ctx.device)
+    cuda = ctx.device.type == "cuda"
+    model = student.to(ctx.device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    with seeded(args.seed):  # the discriminator's initial weights: the same on every rank
+        discriminator = None if args.no_teachers or args.no_disc else Discriminator(num_classes).to(ctx.device)
     groups = [dict(g, base_lr=args.lr) for g in param_groups(model, args.wd)]  # base lr: the schedule's
     if discriminator is not None:  # official: the discriminator is a parameter group of the same SGD
         groups.append({"params": list(discriminator.parameters()), "weight_decay": args.wd,
@@ -246,12 +231,10 @@ def train_loader(train_set, store, m, teachers, args, ctx):
     if store is not None:
         dataset = StoredCrops(train_set.samples, store, m, args.input_size, "bilinear", args.seed)
     else:  # the official pipeline: RandomResizedCrop (0.08, 1), flip, bilinear; a view per teacher
-        views = [(ex["data_config"]["input_size"], ex["data_config"]["interpolation"])
-                 for _, ex in teachers]
+        views = [(ex["data_config"]["input_size"], ex["data_config"]["interpolation"]) for _, ex in teachers]
         dataset = FreshCrops(train_set.samples, 1, args.input_size, "bilinear", views, (0.08, 1.0),
                              (3 / 4, 4 / 3), args.seed)
-    sampler = TaggedSampler(DistributedSampler(dataset, ctx.world, ctx.rank, seed=args.seed,
-                                               drop_last=True))
+    sampler = TaggedSampler(DistributedSampler(dataset, ctx.world, ctx.rank, seed=args.seed, drop_last=True))
     return loader(dataset, args.batch_size // (m * ctx.world), args.workers, sampler, ctx.device,
                   drop_last=True), sampler
 
@@ -261,63 +244,53 @@ def train(args, ctx, train_set, val_sets, store, teachers, model, discriminator,
     num_classes, cuda = len(train_set.classes), ctx.device.type == "cuda"
     start_epoch, best = checkpoint.restore(num_classes)
     if ctx.distributed:
-        ids = [ctx.device.index] if cuda else None
-        model = DistributedDataParallel(model, device_ids=ids)
-        if discriminator is not None:
-            discriminator = DistributedDataParallel(discriminator, device_ids=ids)
+        model, discriminator = [None if net is None else nn.parallel.DistributedDataParallel(
+            net, device_ids=[ctx.device.index] if cuda else None) for net in (model, discriminator)]
     model = maybe_compile(model, args)
     student_side = None  # online: logits on both sides (paper, text under Eq. 5)
     if store is not None:  # the discriminator compares stored p_e with the student's softmax
         codec, k = store.meta["codec"], store.meta.get("k", 1)
         student_side = lambda logits: compress_like_store(F.softmax(logits, dim=1), codec, k)  # noqa: E731
-    data = sampler = loader_crops = None
-    position = 0  # stored crops consumed per image so far (the non-overlapping schedule's stream)
-    metrics, run_start = {}, time.time()
+    metrics, run_start, loader_crops = {}, time.time(), None
     for epoch, m in pass_plan(args.epochs, 1 if store is None else args.num_crops, args.lr_drop_epoch):
         if epoch < start_epoch:
-            position += m
             continue
         if m != loader_crops:  # a single-crop pass needs a loader of its own
             data = sampler = None
             (data, sampler), loader_crops = train_loader(train_set, store, m, teachers, args, ctx), m
         seed_rank_epoch(args.seed, ctx.rank, epoch)  # dropout, drop-path: (seed, rank, epoch) only
         cutmix_rng = np.random.default_rng(derive_seed(args.seed, ctx.rank, epoch, 1))
-        sampler.set_epoch(epoch, position if store is not None else epoch)
+        sampler.set_epoch(epoch, epoch)  # tag: crops used per image so far (--labels: m per m-epoch pass)
         for group in optimizer.param_groups:  # the step schedule; official: D's lr follows it too
             group["lr"] = group["base_lr"] * 0.1 ** sum(epoch >= drop for drop in args.lr_drop_epoch)
-        model.train()
-        if discriminator is not None:
-            discriminator.train()
-        sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, kd, disc, correct
-        seen, epoch_start, marks = 0, time.time(), []
-        for batch in ctx.bar(data, desc=f"epoch {epoch + 1}-{epoch + m}/{args.epochs}" if m > 1
-                             else f"epoch {epoch + 1}/{args.epochs}"):
+        model.train()  # the discriminator has no train/eval behaviour and is never evaluated
+        sums, epoch_start, marks = EpochSums(ctx.device), time.time(), []
+        for batch in ctx.bar(data, desc=f"epoch {epoch + 1}{f'-{epoch + m}' * (m > 1)}/{args.epochs}"):
             step_start = clock(cuda)
             crops, views, stored, labels = batch_inputs(batch, store, ctx.device)
             crops, targets, teacher_side = batch_targets(crops, views, stored, labels, teachers,
                                                          num_classes, args, ctx, cutmix_rng)
             images = normalize(crops, cfg["mean"], cfg["std"])
-            loss, kd, d_loss, logits = meal_step(model, discriminator, optimizer, scaler, images,
-                                                 targets, teacher_side, student_side, args.disc_rule,
-                                                 ctx.autocast(args))
+            loss, kd, disc, logits = meal_step(model, discriminator, optimizer, scaler, images, targets,
+                                               teacher_side, student_side, args.disc_rule, ctx.autocast(args))
             marks.append((step_start, clock(cuda)))
-            n, hits = len(labels), (logits.argmax(1) == labels).sum().float()
-            seen += n
-            sums += torch.stack([loss * n, kd * n, d_loss * n, hits]).double()  # stays on the device
-        seen, loss_sum, kd_sum, d_sum, correct = ctx.all_reduce_sum([seen] + sums.tolist())  # one sync
-        ckpt.check_finite(loss_sum, epoch, args.out)
-        if discriminator is not None and abs(d_sum / seen - math.log(2)) < 1e-6:
+            sums.add(len(labels), counts=("correct",), loss=loss, kd=kd, disc=disc,
+                     correct=(logits.argmax(1) == labels).sum())  # stays on the device
+        means, seen = sums.means(ctx)
+        if cuda:  # the step times: CUDA events, read once per epoch
+            torch.cuda.synchronize()
+        steps = [start.elapsed_time(end) / 1000 if cuda else end - start for start, end in marks]
+        ckpt.check_finite(means["loss"], epoch, args.out)
+        if discriminator is not None and abs(means["disc"] - math.log(2)) < 1e-6:
             ctx.print("note: the discriminator's two outputs were 0 for every input in this pass (the "
                       "official head's last ReLU): it passed no gradient")
-        position += m
         metrics = {"epoch": epoch + m, "crops_per_image": m, "lr": optimizer.param_groups[0]["lr"],
-                   "train_loss": loss_sum / seen, "train_kd": kd_sum / seen, "train_disc": d_sum / seen,
-                   "train_top1": 100 * correct / seen, "train_crops": int(seen),
-                   "train_time": time.time() - epoch_start, "step_time_median": median_step(marks, cuda)}
+                   "train_loss": means["loss"], "train_kd": means["kd"], "train_disc": means["disc"],
+                   "train_top1": 100 * means["correct"], "train_crops": seen,
+                   "train_time": time.time() - epoch_start, "step_time_median": float(np.median(steps))}
         metrics.update(evaluate_sets(unwrap(model), val_sets, ctx, cfg["mean"], cfg["std"], args))
         best = max(best, metrics["val_top1"])
-        if checkpoint.end_epoch(metrics, best, args, arch=args.arch, num_classes=num_classes,
-                                data_config=cfg):
+        if checkpoint.end_epoch(metrics, best, args, arch=args.arch, num_classes=num_classes, data_config=cfg):
             break
     return metrics, best, time.time() - run_start
 
@@ -391,7 +364,8 @@ def parse_args(argv=None):
                            "(PRESETS: ImageNet, --labels, demo).", FLAGS, "the student")
     args = p.parse_args(argv)
     flags.refuse_ignored(flags.given(p, argv), [
-        (args.no_teachers, "--no-teachers (hard-label CE: no discriminator)", ("d_lr", "disc_rule", "no_disc")),
+        (args.no_teachers, "--no-teachers (hard-label CE on fresh crops with the image labels: no "
+         "discriminator, no label store)", ("labels", "d_lr", "disc_rule", "no_disc")),
         (args.no_disc, "--no-disc", ("d_lr", "disc_rule"))])
     for key, value in PRESETS[recipe_of(args)].items():  # what was not given: the recipe's
         if getattr(args, key, None) is None and key != "arch":  # the student: see student_spec()
@@ -405,15 +379,13 @@ def recipe_of(args):
     return "demo" if args.data == "demo" else "labels" if args.labels else "imagenet"
 
 
-def route_name(args):
-    route = "ce" if args.no_teachers else ("labels" if args.labels else "online")
-    return route + ("_nodisc" if args.no_disc and not args.no_teachers else "")
-
-
 def student_spec(args, ctx):
-    """The student's spec. --init is checked against --arch, or names it. Without --init: the paper's
-    weights for its students (resnet50.ram_in1k, not timm's default a1_in1k), else timm's default."""
+    """The student's spec: --init checked against --arch, or naming it; without it a demo-pretrained student
+    (demo set), the paper's weights (resnet50.ram_in1k, not timm's default a1_in1k), else timm's default."""
     preset_arch = PRESETS[recipe_of(args)]["arch"]
+    if args.data == "demo" and args.init is None:
+        args.arch = args.arch or preset_arch
+        args.init = demo.ensure_teacher(args.arch, ctx, epochs=DEMO_STUDENT_INIT_EPOCHS, log=ctx.print)
     if args.init not in (None, "none"):
         name, path = parse_spec(args.init)
         if args.arch is None:
@@ -425,8 +397,7 @@ def student_spec(args, ctx):
     if args.arch in PAPER_INITS:
         ctx.print(f"student init: {PAPER_INITS[args.arch]} (the paper's; --init chooses other weights)")
         return PAPER_INITS[args.arch]
-    cfg = timm.models.get_pretrained_cfg(args.arch)
-    tag = (cfg.hf_hub_id or "").split("/")[-1] if cfg is not None else ""
+    tag = (getattr(timm.models.get_pretrained_cfg(args.arch), "hf_hub_id", None) or "").split("/")[-1]
     ctx.print(f"note: no --init: the student starts from timm's default weights for {args.arch}"
               + (f" ({tag})" if tag else "") + "; pass --init NAME.TAG to choose others")
     return args.arch
@@ -436,29 +407,26 @@ def open_store(args, train_set, teacher_specs, ctx):
     """The --labels store, checked against this run: images, classes, probabilities at T = 1, the
     official crop scale, the same teachers (name + weights hash), complete, enough crops."""
     if not LabelStore.is_store(args.labels):
-        names = DEMO_TEACHERS if args.data == "demo" else [parse_spec(s)[0] for s in teacher_specs]
         raise StoreError(f"no label store at {args.labels}; make it with the same teachers first: "
                          f"python fkd.py --data {args.data} --mode label --codec full --crop-scale 0.08 1 "
-                         + " ".join(f"--teacher {name}" for name in names) + f" --labels {args.labels}")
+                         + " ".join(f"--teacher {parse_spec(s)[0]}" for s in teacher_specs)
+                         + f" --labels {args.labels}")
     store = LabelStore.open(args.labels)
     expected = {"num_images": len(train_set), "num_classes": len(train_set.classes), "stores": "probs",
                 "image_list_sha256": image_list_hash(train_set.samples, train_set.root)}
     if store.meta.get("imported"):  # released labels converted by fkd.py --mode import: no teacher files
         expected.update({"temperature": 1.0} if "temperature" in store.meta else {})
-        ctx.print(f"note: {args.labels} holds imported labels ({store.meta['imported']}); the released "
-                  "Fast MEAL V2 labels are those of the senet154 + resnet152_v1s ensemble, the default "
-                  "teachers")
+        ctx.print(f"note: {args.labels} holds imported labels ({store.meta['imported']}); the released Fast "
+                  "MEAL V2 labels are those of the senet154 + resnet152_v1s ensemble, the default teachers")
     else:
-        expected.update(temperature=1.0, crop_scale=MEAL_CROP_SCALE,
-                        teachers=teacher_identity(teacher_specs))
+        expected.update(temperature=1.0, crop_scale=MEAL_CROP_SCALE, teachers=teacher_identity(teacher_specs))
     store.check_matches(expected, advice="make a store for this run with fkd.py --mode label (commands "
                         "in meal_v2.py's header), or pass another --labels folder")
     if args.num_crops > store.meta["num_crops"] or not store.complete:
         raise StoreError(f"label store {args.labels} is incomplete or has fewer than --num-crops "
                          f"{args.num_crops} crops per image; finish it with fkd.py --mode label")
-    size = sum(os.path.getsize(os.path.join(args.labels, f)) for f in os.listdir(args.labels))
     ctx.print(f"label store {args.labels}: {store.meta['num_images']} images x {store.meta['num_crops']} "
-              f"crops, codec {store.meta['codec']}, {human_bytes(size)} on disk; "
+              f"crops, codec {store.meta['codec']}, {human_bytes(store.bytes_on_disk())} on disk; "
               f"{human_bytes(free_bytes(args.labels))} free there")
     return store
 
@@ -483,27 +451,19 @@ def run(args, ctx):
     if args.batch_size % (m * ctx.world):
         raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by crops per image x "
                          f"processes = {m * ctx.world}")
-    if args.no_teachers and args.labels:
-        raise SystemExit("error: --no-teachers trains on fresh crops with the image labels; drop --labels")
     if args.amp and ctx.device.type != "cuda":
         ctx.print("note: --amp applies to CUDA only; running in fp32 on CPU")
     start, root = time.time(), demo.ensure_data(ctx) if args.data == "demo" else args.data
     # every input is checked before a teacher is loaded: data folders, the label store, the init, OUT
     train_set = image_folder(root, "train")
-    num_classes, val_transform = len(train_set.classes), eval_transform(args.input_size, args.crop_pct)
-    val_sets = eval_sets(root, args.val_data, val_transform, train_set.classes, args.batch_size, args.workers,
-                         ctx)
-    if args.data == "demo":  # two demo teachers of different architectures + a demo-pretrained student
-        if not args.no_teachers:
-            args.teacher = demo.resolve_teachers(args.teacher, DEMO_TEACHERS, ctx, log=ctx.print)
-        if args.init is None:
-            args.arch = args.arch or PRESETS["demo"]["arch"]
-            args.init = demo.ensure_teacher(args.arch, ctx, epochs=DEMO_STUDENT_INIT_EPOCHS, log=ctx.print)
+    num_classes, transform = len(train_set.classes), eval_transform(args.input_size, args.crop_pct)
+    val_sets = eval_sets(root, args.val_data, transform, train_set.classes, args.batch_size, args.workers, ctx)
+    if args.data == "demo" and not args.no_teachers:  # two demo teachers of different architectures
+        args.teacher = demo.resolve_teachers(args.teacher, DEMO_TEACHERS, ctx, log=ctx.print)
     spec = student_spec(args, ctx)
     store = open_store(args, train_set, args.teacher, ctx) if args.labels else None
     with seeded(args.seed):  # a random init (or a new head) depends on the seed alone
-        student, extra = create(spec, num_classes,
-                                pretrained_head="none" if args.init == "none" else "reset")
+        student, extra = create(spec, num_classes, pretrained_head="none" if args.init == "none" else "reset")
     cfg = dict(extra["data_config"], input_size=args.input_size, crop_pct=args.crop_pct,
                interpolation="bilinear")  # the official protocol: bilinear crops, resize 256 / crop 224
     ctx.print("student " + describe_data_config(dict(extra, data_config=cfg, data_config_source=(
@@ -514,7 +474,8 @@ def run(args, ctx):
                          f"on {result['count']} images")
     ctx.print(recipe_line(args))
     data_name = "demo" if args.data == "demo" else os.path.basename(os.path.normpath(args.data))
-    base = os.path.join("runs", f"meal_v2_{data_name}_{route_name(args)}")
+    route = "ce" if args.no_teachers else ("labels" if args.labels else "online")  # --no-disc: not with "ce"
+    base = os.path.join("runs", f"meal_v2_{data_name}_{route}" + "_nodisc" * args.no_disc)
     args.out = ckpt.resolve_out(args.out, base, ctx, args.resume)
     model, discriminator, optimizer, scaler = build_training(student, num_classes, args, ctx)
     objects = dict(model=model, optimizer=optimizer, scaler=scaler, discriminator=discriminator)
@@ -527,19 +488,18 @@ def run(args, ctx):
     # before training: the initialized student, and the teachers' ensemble on the same val images
     before = evaluate(model, val_sets["val"], ctx, cfg["mean"], cfg["std"], args, desc="init")["top1"]
     ensemble_top1 = evaluate_ensemble(teachers, root, train_set.classes, args, ctx) if teachers else None
-    metrics, best, train_time = train(args, ctx, train_set, val_sets, store,
-                                      teachers if store is None else [], model, discriminator, optimizer,
-                                      scaler, checkpoint, cfg)
+    metrics, best, train_time = train(args, ctx, train_set, val_sets, store, teachers if store is None else [],
+                                      model, discriminator, optimizer, scaler, checkpoint, cfg)
     if not metrics:  # --resume auto on a run that had already finished: nothing trained, keep its summary
         return ctx.print(f"MEAL V2: {args.out} already holds a finished run of {args.epochs} epochs; "
                          f"nothing to do (its results are in {os.path.join(args.out, 'summary.json')})")
     route = {"online": "online teachers", "labels": "labels (Fast MEAL V2)",
-             "ce": "CE fine-tuning, no teachers"}[route_name(args).replace("_nodisc", "")]
-    ctx.print(f"MEAL V2 summary: {route}, student {args.arch}, {args.epochs} epochs: top-1 "
-              f"{before:.2f}% -> {metrics.get('val_top1', float('nan')):.2f}% (best {best:.2f}%)"
+             "ce": "CE fine-tuning, no teachers"}[route]
+    ctx.print(f"MEAL V2 summary: {route}, student {args.arch}, {args.epochs} epochs: top-1 {before:.2f}% -> "
+              f"{metrics['val_top1']:.2f}% (best {best:.2f}%)"
               + (f", teacher ensemble {ensemble_top1:.2f}%" if ensemble_top1 is not None else "")
-              + f", median step {1000 * metrics.get('step_time_median', float('nan')):.1f} ms, "
-              f"train {train_time:.0f}s, total {time.time() - start:.0f}s, out {args.out}")
+              + f", median step {1000 * metrics['step_time_median']:.1f} ms, train {train_time:.0f}s, total "
+              f"{time.time() - start:.0f}s, out {args.out}")
     if ctx.main:
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump({"route": route, "init_top1": before, "final": metrics, "best_top1": best,
