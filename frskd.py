@@ -43,7 +43,7 @@ from torchvision import transforms
 from common import ckpt, demo, flags
 from common.data import (DataError, SeededItems, TaggedSampler, eval_loader, eval_transform, evaluate,
                          image_folder, loader, mix_batch, train_transform)
-from common.dist import epoch_generator, maybe_compile, run_main, seed_rank_epoch, seeded
+from common.dist import EpochSums, epoch_generator, maybe_compile, run_main, seed_rank_epoch, seeded
 from common.models import (ModelError, create, describe_data_config, init_spec, make_optimizer, normalize,
                            param_groups)
 from common.seg import (IGNORE_INDEX, RandomScaleCropFlip, ResizePair, SegmentationSet, check_pairs,
@@ -386,7 +386,7 @@ def train(args, ctx, net, train_set, val_sets, num_classes, out, losses, ramp=No
         alpha, beta = args.alpha * factor, args.beta * factor
         net.train()
         lr, epoch_start = optimizer.param_groups[0]["lr"], time.time()
-        sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)  # TERMS x images, correct
+        sums = EpochSums(ctx.device)
         for index, (images, labels) in enumerate(ctx.bar(itertools.islice(data, steps), total=steps,
                                                           desc=f"epoch {epoch + 1}/{args.epochs}")):
             images = normalize(images.to(ctx.device, non_blocking=True), args.mean, args.std)
@@ -397,15 +397,14 @@ def train(args, ctx, net, train_set, val_sets, num_classes, out, losses, ramp=No
                     images, targets = mix_batch(images, targets, args.mixup, args.cutmix, mix_generator)
             loss, terms, logits = training_step(net, optimizer, scaler, images, targets, args, alpha,
                                                 beta, autocast, losses, (index + 1) % accum == 0)
-            sums[:5] += (torch.cat([loss.view(1), terms]) * batch).double()  # on the device: no sync
-            if not seg:
-                sums[5] += (logits.argmax(1) == labels).sum()
+            sums.add(batch, counts=("correct",), **dict(zip(TERMS, [loss, *terms])),  # on the device
+                     **({} if seg else {"correct": (logits.argmax(1) == labels).sum()}))
         scheduler.step()
-        seen, *totals, correct = ctx.all_reduce_sum([steps * batch] + sums.tolist())
-        ckpt.check_finite(totals[0], epoch, out)
+        means, _ = sums.means(ctx)
+        ckpt.check_finite(means["loss"], epoch, out)
         metrics = {"epoch": epoch + 1, "lr": lr, **({"alpha": alpha, "beta": beta} if ramp else {}),
-                   **{f"train_{name}": total / seen for name, total in zip(TERMS, totals)},
-                   **({} if seg else {"train_top1": 100 * correct / seen}),
+                   **{f"train_{name}": means[name] for name in TERMS},
+                   **({} if seg else {"train_top1": 100 * means["correct"]}),
                    "train_time": time.time() - epoch_start, **evaluate_sets(model, val_sets, ctx, args)}
         best = max(best, metrics[score])
         if checkpoint.end_epoch(metrics, best, args, score=score, arch=args.arch,
@@ -777,11 +776,9 @@ def parse_args(argv=None):
         known.recipe or ("demo" if demo_data else "imagenet")
     p.set_defaults(**RECIPES[name], recipe_name=name)  # the recipe's values for the flags not given
     args = p.parse_args(argv)
-    for flag, *_ in CLASSIFICATION_ONLY if seg else SEGMENTATION_ONLY:
-        dest = flag[2:].replace("-", "_")
-        if getattr(args, dest) != p.get_default(dest):
-            p.error(f"{flag} applies to classification only, not --task segmentation" if seg else
-                    f"{flag} applies to --task segmentation only")
+    dests = lambda table: [row[0][2:].replace("-", "_") for row in table]  # noqa: E731
+    flags.refuse_ignored(flags.given(p, argv), [(seg, "--task segmentation", dests(CLASSIFICATION_ONLY)),
+                                                (not seg, "--task classification", dests(SEGMENTATION_ONLY))])
     if args.warmup_epochs and not args.baseline and args.warmup_epochs >= args.epochs:
         p.error(f"--epochs {args.epochs} ends within the distillation warm-up of {args.warmup_epochs} epochs "
                 f"(alpha = beta = 0 until then): FRSKD would never distil; pass more --epochs or a smaller "
@@ -806,7 +803,8 @@ def run(args, ctx):
     for name, run_args in runs:
         ctx.print(f"training {name}: {run_args.task}, {run_args.arch}, {run_args.epochs} epochs" + (
             "" if run_args.baseline else f", alpha {run_args.alpha}, beta {run_args.beta}" + (
-                f" after {run_args.warmup_epochs} warm-up epochs" if seg else f", w {run_args.width}")))
+                "" if seg else f", w {run_args.width}") + (
+                f" after {run_args.warmup_epochs} warm-up epochs" if run_args.warmup_epochs else "")))
         metrics, best, seconds = train_one(run_args, out if len(runs) == 1 else os.path.join(out, name))
         results[name] = {"final": metrics, f"best_{metric}": best, "train_time": seconds}
     shown = "mIoU" if seg else "top-1"
