@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from .crops import replay_crops, sample_crops
 from .ckpt import save_atomic
 from .data import DataError, image_folder, load_rgb
+from .dist import on_every_rank
 from .models import create, normalize
 
 VERSION = 1  # of the data set; bump when the rendering changes (invalidates caches)
@@ -124,12 +125,39 @@ def render(class_index, rng, size=IMAGE_SIZE):
     return img
 
 
+def build_once(ctx, target, build, what):
+    """Run `build()` on the main process when `target` is missing (the others wait for it); a write
+    error there (read-only cache, disk full) ends every process with one sentence."""
+    def work():
+        if not os.path.exists(target):
+            try:
+                build()
+            except OSError as error:
+                reason = error.strerror or error
+                raise DataError(f"cannot write {what} into the demo cache {cache_dir()} ({reason}); set "
+                                f"KD_DEMO_CACHE to a writable folder with free space") from None
+    if ctx is None:
+        work()
+    else:
+        on_every_rank(ctx, work, DataError, DataError)
+
+
+def _render_set(root, write_split):
+    """Write a data set into a temp folder, renamed to `root` at the end (atomic)."""
+    tmp = f"{root}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_split(tmp)
+        os.replace(tmp, root)
+    finally:  # nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ensure_data(ctx=None):
     """Build the demo ImageFolder once (atomically: a temp folder renamed at the end)."""
     root = os.path.join(cache_dir(), f"demo-data-v{VERSION}")
-    if (ctx is None or ctx.main) and not os.path.isdir(root):
-        tmp = f"{root}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(tmp):
         for split, per_class, seed in (("train", TRAIN_PER_CLASS, 0), ("val", VAL_PER_CLASS, 1)):
             for c, name in enumerate(CLASSES):
                 folder = os.path.join(tmp, split, name)
@@ -137,9 +165,7 @@ def ensure_data(ctx=None):
                 rng = np.random.default_rng([VERSION, seed, c])
                 for i in range(per_class):
                     render(c, rng).save(os.path.join(folder, f"{name}_{i:04d}.jpg"), quality=92)
-        os.replace(tmp, root)
-    if ctx is not None:
-        ctx.barrier()
+    build_once(ctx, root, lambda: _render_set(root, write), "the demo data set")
     return root
 
 
@@ -173,15 +199,14 @@ def ensure_teacher(arch, ctx=None, epochs=40, log=print):
     """Path of a demo teacher checkpoint (`arch=PATH` spec), training it once if needed."""
     root = ensure_data(ctx)
     path = os.path.join(cache_dir(), f"demo-teacher-{arch}-v{TEACHER_VERSION}-e{epochs}.pth")
-    if (ctx is None or ctx.main) and not os.path.isfile(path):
+    def build():
         start = time.time()
         log(f"training the demo teacher {arch} once ({epochs} epochs on CPU; cached in {path})")
         model = train_teacher(arch, root, epochs, log=log)
         save_atomic({"model": model.state_dict(), "arch": arch, "num_classes": len(CLASSES),
                      "data_config": DATA_CONFIG, "epoch": epochs}, path)
         log(f"demo teacher {arch} trained in {time.time() - start:.0f}s")
-    if ctx is not None:
-        ctx.barrier()
+    build_once(ctx, path, build, f"the demo teacher {arch}")
     return f"{arch}={path}"
 
 
@@ -217,12 +242,11 @@ def render_scene(rng, size=SEG_IMAGE_SIZE, max_shapes=2):
 
 
 def ensure_segmentation_data(ctx=None):
-    """Build the segmentation demo set once, in the images/ + masks/ layout of common.seg
+    """Build the segmentation demo set once, in the images/ + masks/ layout of frskd_seg_data
     (train/ and val/; masks are grayscale PNGs of class ids), atomically like ensure_data."""
     root = os.path.join(cache_dir(), f"demo-seg-v{SEG_VERSION}")
-    if (ctx is None or ctx.main) and not os.path.isdir(root):
-        tmp = f"{root}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(tmp):
         for split, count, seed in (("train", SEG_TRAIN_IMAGES, 0), ("val", SEG_VAL_IMAGES, 1)):
             os.makedirs(os.path.join(tmp, split, "images"))
             os.makedirs(os.path.join(tmp, split, "masks"))
@@ -231,7 +255,5 @@ def ensure_segmentation_data(ctx=None):
                 image, mask = render_scene(rng)
                 image.save(os.path.join(tmp, split, "images", f"scene_{i:04d}.jpg"), quality=92)
                 mask.save(os.path.join(tmp, split, "masks", f"scene_{i:04d}.png"))
-        os.replace(tmp, root)
-    if ctx is not None:
-        ctx.barrier()
+    build_once(ctx, root, lambda: _render_set(root, write), "the segmentation demo set")
     return root

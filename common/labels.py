@@ -6,7 +6,7 @@ probability, the rest uniform (Eq. 4), `ms` top-K, the rest uniform (Eq. 5), `mr
 renormalized to 1 (Eq. 6-7). The store is a directory: meta.json (layout and the labels' identity,
 IDENTITY below, compared by every path that opens it) plus fixed-record .npy arrays (boxes, flips,
 indices, values, sizes, done) opened with mmap and allow_pickle=False, so any DataLoader worker
-reads any crop in O(1). An imported store (common/released.py) carries meta["imported"].
+reads any crop in O(1). An imported store (fkd_released.py) carries meta["imported"].
 """
 import contextlib
 import errno
@@ -417,9 +417,10 @@ class LabelStore:
         return self.arrays["done"]
 
     def _fd(self, name):
-        """Writers use pwrite at byte offsets instead of writable memory maps: two processes (or two
-        nodes on a shared filesystem) that write disjoint rows never overwrite each other's pages,
-        and an I/O error is an exception, not a SIGBUS."""
+        """Writers use pwrite at byte offsets instead of writable memory maps: each process writes
+        only its own bytes (no page written back whole), and an I/O error is an exception, not a
+        SIGBUS. Two ranks' rows (and done flags) can meet inside one page: across nodes that needs
+        a filesystem that merges byte-range writes (NFS, Lustre, GPFS do; docs/reliability.md)."""
         if not self.writable:
             raise StoreError(f"label store {self.path} was opened read-only")
         fds = self.__dict__.setdefault("_fds", {})

@@ -584,3 +584,27 @@ def test_a_signal_during_a_checkpoint_write_waits_for_the_write():
     assert done == ["the write finished"]
     with pytest.raises(KeyboardInterrupt):
         dist._interrupt(signals.SIGTERM, None)  # outside a write: stop at once
+
+
+@pytest.mark.parametrize("build", ["data", "teacher", "segmentation"])
+def test_a_demo_cache_that_cannot_be_written_is_one_sentence(tmp_path, monkeypatch, build):
+    """A read-only or full KD_DEMO_CACHE: one sentence naming the cache and the fix, no traceback and
+    no half-written set left behind (root bypasses permissions, so the write error is injected)."""
+    from common import demo
+    monkeypatch.setenv("KD_DEMO_CACHE", str(tmp_path))
+    monkeypatch.setattr(demo, "TRAIN_PER_CLASS", 2)
+    monkeypatch.setattr(demo, "VAL_PER_CLASS", 1)
+    if build == "teacher":
+        demo.ensure_data()
+        monkeypatch.setattr(demo, "train_teacher", lambda *a, **k: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied")))
+    else:
+        real_replace = os.replace
+        monkeypatch.setattr(demo.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(demo.DataError, match=r"cannot write the .* into the demo cache .*(Permission denied|"
+                       r"No space left).*set KD_DEMO_CACHE to a writable folder"):
+        {"data": demo.ensure_data, "segmentation": demo.ensure_segmentation_data,
+         "teacher": lambda: demo.ensure_teacher("test_resnet", epochs=1)}[build]()
+    if build != "teacher":
+        monkeypatch.setattr(demo.os, "replace", real_replace)
+        assert not any(p.name.startswith(("demo-data", "demo-seg")) for p in tmp_path.iterdir())
