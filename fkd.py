@@ -326,7 +326,7 @@ def run(args, explicit, ctx):
         ctx.print("note: --amp applies to CUDA only; running in fp32 on CPU")
     train_set = image_folder(root, "train")
     if args.mode == "import":  # the authors' released label files -> a store
-        from common.released import import_labels
+        from fkd_released import import_labels
         path = args.labels or os.path.join("runs", "fkd_labels", f"{tag}-imported")
         store = import_labels(args.import_from, train_set, path, layout=args.import_layout, ctx=ctx,
                               label_type=args.import_label_type, workers=args.workers)

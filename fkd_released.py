@@ -1,4 +1,4 @@
-"""Import the soft labels released by the FKD authors into a label store (common/labels.py).
+"""Serves fkd.py alone (`--mode import`), hence beside it: FKD's released soft labels -> a label store.
 
 The FKD authors released ImageNet region-level soft labels (EfficientNet-L2-ns-475, 500 crops; and
 the senet154 + resnet152_v1s ensemble of MEAL V2, 200 crops, for Fast MEAL V2), listed on the FKD
@@ -23,7 +23,7 @@ marginal_renorm -> mr (K); the files of the last two are identical, so the label
 is picked at import (default: marginal smoothing, the released name). The store keeps the release's
 precision (float16 values for the fp16 release, float32 for an fp32 one: meta "values_dtype"), so
 decoding it gives the official Recover_soft_label's soft label bit for bit for every label type and
-both releases (except the clamp of the marginal mass at 0, labels.py). The files are pickles, loaded
+both releases (except the clamp of the marginal mass at 0, common/labels.py). The files are pickles, loaded
 with torch.load(weights_only=True) and only NumPy's array reconstruction allowlisted: a file whose
 pickle would run code is refused, never executed.
 """
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .dist import Context, on_every_rank
-from .labels import LabelStore, StoreError, _write_json_atomic, image_identity
+from common.dist import Context, on_every_rank
+from common.labels import LabelStore, StoreError, _write_json_atomic, image_identity
 
 LAYOUTS = ("fkd", "meal")
 # official label_type names (without _kK) -> our codec

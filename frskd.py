@@ -46,8 +46,8 @@ from common.data import (DataError, SeededItems, TaggedSampler, eval_loader, eva
 from common.dist import EpochSums, epoch_generator, maybe_compile, run_main, seed_rank_epoch, seeded
 from common.models import (ModelError, create, describe_data_config, init_spec, make_optimizer, normalize,
                            param_groups)
-from common.seg import (IGNORE_INDEX, RandomScaleCropFlip, ResizePair, SegmentationSet, check_pairs,
-                        evaluate_segmentation, find_pairs)
+from frskd_seg_data import (IGNORE_INDEX, RandomScaleCropFlip, ResizePair, SegmentationSet, check_pairs,
+                            evaluate_segmentation, find_pairs)
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 TERMS = ("loss", "ce", "ce_self_teacher", "kd", "feature")  # logged as train_*: Eq. 5 and its terms

@@ -1,4 +1,4 @@
-"""Semantic-segmentation plumbing: image/mask readers, paired transforms, the mIoU confusion matrix.
+"""Serves frskd.py alone (its segmentation route), hence beside it: image/mask readers, paired transforms, mIoU.
 
 `--data DIR` for segmentation takes either layout:
   VOCdevkit  DIR/VOC2007 and DIR/VOC2012, each with JPEGImages/<id>.jpg, SegmentationClass/<id>.png
@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .data import DataError, load_rgb, sum_over_split
+from common.data import DataError, load_rgb, sum_over_split
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")

@@ -319,7 +319,7 @@ def test_training_step_reads_nothing_back_from_the_device(tiny_data, tiny_teache
 
 
 def test_training_from_an_imported_store(tiny_data, tmp_path, capsys):
-    """A store written by common/released.py: images and classes are checked, codec and K come from
+    """A store written by fkd_released.py: images and classes are checked, codec and K come from
     the store, an explicit conflicting --codec is refused."""
     train = image_folder(tiny_data, "train")
     meta = label_identity(train, [{"name": "released", "sha256": None}], "ms", 2, 4, (0.08, 1), (0.75, 4 / 3),

@@ -1,4 +1,4 @@
-"""FRSKD for semantic segmentation (frskd.py --task segmentation) and common/seg.py.
+"""FRSKD for semantic segmentation (frskd.py --task segmentation) and frskd_seg_data.py.
 
 The official network, losses, schedule and metric are rebuilt here from their description
 (MingiJi/FRSKD segmentation/: EfficientDet with BiFPNSeg layers, DistillKL, Attention,
@@ -7,7 +7,6 @@ sigmoid_rampup, EvaluatorSeg) and compared with ours on the same inputs, weights
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -19,9 +18,9 @@ from PIL import Image
 import frskd
 from common import demo
 from common.data import DataError
-from common.seg import (IGNORE_INDEX, RandomScaleCropFlip, ResizePair, SegmentationSet, check_pairs,
-                        confusion_matrix, find_pairs, iou_per_class, mean_iou)
 from conftest import run_script, torchrun
+from frskd_seg_data import (IGNORE_INDEX, RandomScaleCropFlip, ResizePair, SegmentationSet, check_pairs,
+                            confusion_matrix, find_pairs, iou_per_class, mean_iou)
 
 SEG = ["frskd.py", "--task", "segmentation"]
 

@@ -1,4 +1,4 @@
-"""Import of the released FKD / Fast MEAL V2 soft labels (common/released.py) and released ResNet-50
+"""Import of the released FKD / Fast MEAL V2 soft labels (fkd_released.py) and released ResNet-50
 checkpoints, checked against the official behaviour rebuilt here from its description:
 
 - files written as the official generator writes them (torch.save([coords, flips, labels]) of numpy
@@ -21,11 +21,11 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from common import released
+import fkd_released as released
 from common.crops import replay_crops
 from common.labels import LabelStore, StoreError, decode
-from common.released import boxes_from_coords, import_labels, load_released_file
 from conftest import ROOT, run_script, torchrun
+from fkd_released import boxes_from_coords, import_labels, load_released_file
 
 CLASSES = 12  # > K + 1 for the top-10 label type
 CROPS = 20
@@ -396,7 +396,7 @@ def test_torchrun_ranks_split_the_import(tmp_path, data):
         sys.path.insert(0, {ROOT!r})
         from torchvision.datasets import ImageFolder
         from common.dist import setup, cleanup
-        from common.released import import_labels
+        from fkd_released import import_labels
         ctx = setup("cpu")
         store = import_labels({str(source)!r}, ImageFolder({os.path.join(data, 'train')!r}),
                               {str(tmp_path / 'store')!r}, ctx=ctx)
