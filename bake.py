@@ -3,13 +3,7 @@
 Paper: Yixiao Ge, Xiao Zhang, Ching Lam Choi, Ka Chun Cheung, Peipei Zhao, Feng Zhu, Xiaogang Wang,
 Rui Zhao, Hongsheng Li, "Self-distillation with Batch Knowledge Ensembling Improves ImageNet
 Classification", 2021 (arXiv 2104.13298); shared/papers/bake.txt. Official code: yxgeee/BAKE
-(imagenet/: pycls; small_scale/: CIFAR-100, TinyImageNet). Recipes, accounting, controls and the
-differences from the official code: docs/bake.md.
-
-One network, no teacher: the predictions of a batch's *other* images are propagated along feature
-affinities and ensembled into a soft target per image (Eq. 3-9) that the network distills into
-itself (Eq. 2). A per-class sampler (Sec. 3.3) puts M images of each anchor's class in the batch,
-so that affinities are not uniformly low.
+(imagenet/: pycls; small_scale/: CIFAR-100, TinyImageNet). Recipes, controls, differences: docs/bake.md.
 
 Equation map:
   Eq. 1     p^T = softmax(z / T)                           -> bake_soft_targets()
@@ -32,7 +26,6 @@ Commands (--batch-size is global and counts anchors and companions: ImageNet 512
 """
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -45,23 +38,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms
 
 from common import ckpt, demo, flags
 from common.data import (DataError, SeededItems, TaggedSampler, eval_sets, eval_transform, evaluate_sets,
                          image_folder, train_transform)
-from common.dist import EpochSums, epoch_generator, maybe_compile, run_main, seed_rank_epoch, seeded, unwrap
+from common.dist import EpochSums, epoch_generator, maybe_compile, run_main, seed_rank_epoch, seeded, wrap_ddp
 from common.models import (ModelError, create, describe_data_config, init_spec, normalize, parse_spec,
                            read_checkpoint, state_dict_of)
 
 
 # --- Batch knowledge ensembling (Sec. 3.2) and the loss (Eq. 2) ----------------------------------
 def bake_soft_targets(features, logits, omega=0.5, temperature=4.0):
-    """Soft targets Q [N, K] (rows sum to 1) from pooled features [N, D] and logits [N, K]: fp32,
-    no gradient, also under autocast (the paper: "the gradient is not backpropagated through the
-    soft targets"). N = 1 gives Q = P, as the official -1e9 diagonal does (A = [1])."""
+    """Soft targets Q [N, K] (rows sum to 1) from pooled features [N, D] and logits [N, K], in fp32 and
+    without gradient also under autocast (paper: no backpropagation through them); N = 1: Q = P."""
     with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
         probs = F.softmax(logits.float() / temperature, dim=1)  # Eq. 1: P^T
         f = F.normalize(features.float(), dim=1)  # Eq. 3: sigma(f) = f / ||f||
@@ -69,8 +60,7 @@ def bake_soft_targets(features, logits, omega=0.5, temperature=4.0):
         # Eq. 3-4: A(i, j) = sigma(f_i)^T sigma(f_j), row softmax over j != i: -1e9 on the diagonal as the
         # official code (Algorithm 1 prints 1e-9, which would keep the diagonal); no temperature on A
         affinity = F.softmax(f @ f.t() - 1e9 * eye, dim=1)
-        # Eq. 9: Q = (1 - w)(I - w A)^-1 P, a linear solve instead of the official explicit inverse;
-        # 0 <= w < 1, A row-stochastic: I - wA is never singular, so no check (no wait for the GPU)
+        # Eq. 9: Q = (1 - w)(I - w A)^-1 P by a solve, not the official inverse; w < 1: regular, no check/sync
         return (1 - omega) * torch.linalg.solve_ex(eye - omega * affinity, probs, check_errors=False)[0]
 
 
@@ -133,9 +123,9 @@ def distinct_offsets(rng, counts, m):
 
 class PerClassBatchSampler(Sampler):
     """Batches of N anchors, each followed by M other images of its class (M = 0: plain random batches);
-    every image an anchor once per epoch, all draws from (seed, epoch), each rank whole tuples and
-    disjoint anchors. Companions without replacement when the class has M others (official), else with
-    replacement; a one-image class repeats the anchor (the official sampler drops them: differs)."""
+    each image an anchor once per epoch, draws from (seed, epoch), each rank whole tuples, disjoint anchors.
+    Companions without replacement when the class has M others (official), else with replacement; a
+    one-image class repeats the anchor (the official sampler drops them: differs)."""
 
     def __init__(self, targets, anchors_per_batch, per_class=1, rank=0, world=1, seed=0):
         self.targets = targets = np.asarray(targets, dtype=np.int64)
@@ -144,8 +134,7 @@ class PerClassBatchSampler(Sampler):
         self.order = np.argsort(targets, kind="stable")  # image indices grouped by class
         self.class_size = np.bincount(targets)
         self.class_start = np.concatenate([[0], np.cumsum(self.class_size)[:-1]])
-        self.pos_in_class = np.empty_like(targets)  # each image's place in its class
-        self.pos_in_class[self.order] = np.arange(len(targets)) - self.class_start[targets[self.order]]
+        self.pos_in_class = np.argsort(self.order) - self.class_start[targets]  # each image's place in its class
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -161,8 +150,7 @@ class PerClassBatchSampler(Sampler):
         offsets = distinct_offsets(rng, size - 1, self.per_class)  # among the size - 1 others; M = 0: none
         pick = (self.pos_in_class[anchors][:, None] + 1 + offsets) % size[:, None]  # skips the anchor itself
         tuples = np.concatenate([anchors[:, None], self.order[self.class_start[cls][:, None] + pick]], axis=1)
-        for batch in tuples.reshape(len(self), self.world, self.anchors_per_batch, -1)[:, self.rank]:
-            yield batch.reshape(-1).tolist()
+        return iter(tuples.reshape(len(self), self.world, -1)[:, self.rank].tolist())  # this rank's batches
 
 
 # --- What the recipes train with: lighting, the CIFAR network, schedule, precise BN --------------
@@ -200,18 +188,16 @@ class PreActBlock(nn.Module):
 
 
 class CifarPreActResNet18(nn.Module):
-    """The official small_scale CIFAR_ResNet18: 3x3 stem conv-BN-ReLU, 4 stages of 2 pre-activation
-    blocks (64-512 channels), no final BN-ReLU, 4x4 average pool, linear head with bias; 11,217,444
-    parameters at 100 classes, PyTorch's default init."""
+    """The official small_scale CIFAR_ResNet18: 3x3 stem conv-BN-ReLU, 4 stages of 2 pre-activation blocks
+    (64-512 channels), no final BN-ReLU, 4x4 average pool, linear head; 11,217,444 parameters at 100 classes."""
 
     def __init__(self, num_classes):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64)
-        blocks, cin = [], 64
-        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [PreActBlock(cin, width, stride), PreActBlock(width, width, 1)]
-            cin = width
-        self.blocks, self.linear = nn.Sequential(*blocks), nn.Linear(512, num_classes)
+        stages = ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2))  # in, out channels, stride
+        self.blocks = nn.Sequential(*[block for cin, cout, stride in stages
+                                      for block in (PreActBlock(cin, cout, stride), PreActBlock(cout, cout, 1))])
+        self.linear = nn.Linear(512, num_classes)  # PyTorch's default init throughout
 
     def forward_features(self, x):
         return self.blocks(F.relu(self.bn1(self.conv1(x))))
@@ -228,7 +214,7 @@ class CifarPreActResNet18(nn.Module):
 
 
 CIFAR_ARCH = "cifar_preact_resnet18"
-CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # official small_scale CIFAR
+CIFAR_NORM = {"mean": (0.4914, 0.4822, 0.4465), "std": (0.2023, 0.1994, 0.2010)}  # official small_scale
 # BN -> SyncBatchNorm (Table 13: per-GPU BN on per-class batches collapses BAKE to 74.7%), by timm's
 # converter: torch's turns timm's BatchNormAct2d into a SyncBatchNorm without activation
 with_sync_batchnorm = timm.layers.convert_sync_batchnorm
@@ -256,26 +242,19 @@ def build_classifier(arch, init, num_classes):
 
 
 def epoch_lr(epoch, args):
-    """The lr of 0-based epoch e, set once per epoch (both official codes). cosine (pycls): lr/2 (1 +
-    cos(pi e / E)) times the warmup factor w (1 - e/W) + e/W for e < W. step (small_scale): x0.1 after
-    more than 1/2 and more than 3/4 of E (E = 200: 1-based epochs 1-101 lr, 102-151 lr/10, 152-200 lr/100)."""
-    if args.schedule == "cosine":
-        lr = 0.5 * args.lr * (1.0 + math.cos(math.pi * epoch / args.epochs))
-    else:
-        lr = args.lr * 0.1 ** sum(epoch - 1 >= fraction * args.epochs for fraction in (0.5, 0.75))
-    if epoch < args.warmup_epochs:
-        progress = epoch / args.warmup_epochs
-        lr *= args.warmup_factor * (1.0 - progress) + progress
-    return lr
+    """The lr of 0-based epoch e, set once per epoch (both official codes): cosine (pycls) lr/2 (1 + cos(pi e/E))
+    x (w (1 - e/W) + e/W) while e < W; step (small_scale) x0.1 past 1/2 and 3/4 of E (200: after 101, 151)."""
+    lr = (0.5 * args.lr * (1.0 + math.cos(math.pi * epoch / args.epochs)) if args.schedule == "cosine"
+          else args.lr * 0.1 ** sum(epoch - 1 >= fraction * args.epochs for fraction in (0.5, 0.75)))
+    progress = min(1.0, epoch / args.warmup_epochs) if args.warmup_epochs else 1.0  # warmup: 0 .. 1
+    return lr * (args.warmup_factor * (1.0 - progress) + progress)
 
 
 @torch.no_grad()
 def precise_bn_stats(model, batches):
-    """pycls's "precise BN" (USE_PRECISE_STATS) as the official runs did it: every nn.BatchNorm2d's
-    running mean and variance become the mean over `batches` (and ranks) of each batch's own
-    statistics, forwards in training mode. SyncBatchNorm is no nn.BatchNorm2d: under SYNC_BN (every
-    official BAKE ImageNet config, the paper's 78.0%) nothing is recomputed, the forwards only move
-    its running statistics with its momentum (0.1), as officially. Returns the number of batches."""
+    """pycls's "precise BN" as the official runs did it (docs/bake.md): every nn.BatchNorm2d's running
+    statistics become the mean over `batches` (and ranks) of each batch's own, forwards in training mode;
+    a SyncBatchNorm is not one: its statistics only move with momentum 0.1. Returns the number of batches."""
     plain = [(m, m.momentum) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for m, _ in plain:
         m.reset_running_stats()
@@ -298,26 +277,24 @@ def training_images(root, args, rank):
     if args.augment == "pad_crop":  # CIFAR: pad 4 and crop 32; other sizes are resized to it first
         transform = transforms.Compose([
             transforms.Resize(size, interpolation=mode), transforms.CenterCrop(size),
-            transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip(),
-            transforms.PILToTensor()])
+            transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
     else:  # torchvision's RandomResizedCrop (log-uniform ratio, PIL); pycls: uniform + swap, OpenCV
         transform = train_transform(size, interpolation=args.interpolation)
     return SeededItems(image_folder(root, "train", transform), args.seed, rank)
 
 
 def build_network(args, ctx, num_classes):
-    """(net, data config): FeaturesAndLogits on the device, SyncBN / compile / DDP as asked."""
+    """(net, its bare classifier, data config): FeaturesAndLogits on the device, SyncBN, compile, DDP."""
     with seeded(args.seed):  # the same initial weights on every rank, whatever each rank drew before
         model, extra = build_classifier(args.arch, args.init, num_classes)
         head_std = RECIPES[args.recipe]["head_init_std"]
         if head_std and args.init is None:  # pycls init_weights: classifier N(0, 0.01), bias 0
             torch.nn.init.normal_(model.get_classifier().weight, std=head_std)
             torch.nn.init.zeros_(model.get_classifier().bias)
-    own = extra["data_config"] or {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
-    mean, std = {"model": (own["mean"], own["std"]), "cifar": CIFAR_MEAN_STD,
-                 "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)}[args.norm]
-    cfg = {"input_size": args.input_size, "interpolation": args.interpolation, "mean": list(mean),
-           "std": list(std), "crop_pct": args.crop_pct}
+    imagenet = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+    norm = {"model": extra["data_config"] or imagenet, "cifar": CIFAR_NORM, "imagenet": imagenet}[args.norm]
+    cfg = {"input_size": args.input_size, "interpolation": args.interpolation, "mean": list(norm["mean"]),
+           "std": list(norm["std"]), "crop_pct": args.crop_pct}
     ctx.print(describe_data_config(dict(extra, data_config=cfg,
                                         data_config_source=f"bake.py's {args.recipe} recipe")))
     cuda = ctx.device.type == "cuda"
@@ -327,11 +304,8 @@ def build_network(args, ctx, num_classes):
     elif sync_bn:
         ctx.print("note: SyncBatchNorm needs CUDA; on CPU each process normalizes its own batch "
                   "(paper Table 13: per-process BN hurts BAKE under DDP)")
-    net = FeaturesAndLogits(model).to(ctx.device)
-    net = maybe_compile(net.to(memory_format=torch.channels_last) if cuda else net, args)
-    if ctx.distributed:
-        net = DistributedDataParallel(net, device_ids=[ctx.device.index] if cuda else None)
-    return net, cfg
+    net = FeaturesAndLogits(model).to(ctx.device, memory_format=torch.channels_last if cuda else None)
+    return wrap_ddp(maybe_compile(net, args), ctx), model, cfg
 
 
 def train_step(net, images, labels, optimizer, scaler, args, ctx):
@@ -355,8 +329,7 @@ def train_step(net, images, labels, optimizer, scaler, args, ctx):
 def train(args, ctx, train_items, val_sets, out):
     """Train one run into `out` from training_images(); returns (last metrics, best top-1, seconds)."""
     targets, num_classes = train_items.dataset.targets, len(train_items.dataset.classes)
-    net, cfg = build_network(args, ctx, num_classes)
-    model = unwrap(net).model
+    net, model, cfg = build_network(args, ctx, num_classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 nesterov=args.nesterov)
     scaler = ctx.grad_scaler(args)
@@ -388,9 +361,8 @@ def train(args, ctx, train_items, val_sets, out):
         net.train()
         sums, epoch_start = EpochSums(ctx.device), time.time()  # on the device, read once per epoch
         for images, labels in ctx.bar(data, desc=f"epoch {epoch + 1}/{args.epochs}"):
-            images = prepare(images, noise)
             labels = labels.to(ctx.device, non_blocking=True)
-            loss, ce, kd, correct = train_step(net, images, labels, optimizer, scaler, args, ctx)
+            loss, ce, kd, correct = train_step(net, prepare(images, noise), labels, optimizer, scaler, args, ctx)
             sums.add(len(labels), counts=("correct",), loss=loss, ce=ce, kd=kd, correct=correct)
         means, seen = sums.means(ctx)
         ckpt.check_finite(means["loss"], epoch, out)
@@ -403,8 +375,7 @@ def train(args, ctx, train_items, val_sets, out):
                 prepare(batch, noise) for batch, _ in itertools.islice(data, precise)))
         metrics.update(evaluate_sets(model, val_sets, ctx, cfg["mean"], cfg["std"], args))
         best = max(best, metrics["val_top1"])
-        if checkpoint.end_epoch(metrics, best, args, arch=args.arch, num_classes=num_classes,
-                                data_config=cfg):
+        if checkpoint.end_epoch(metrics, best, args, arch=args.arch, num_classes=num_classes, data_config=cfg):
             break
     return metrics, best, time.time() - run_start
 
@@ -413,42 +384,38 @@ def run(args, runs, ctx):
     """Check `runs` (one, or the demo's two), load the data once, train each into OUT, summarize."""
     for _, run_args in runs:
         check_args(run_args, ctx)
-    start = time.time()
-    root = demo.ensure_data(ctx) if args.data == "demo" else args.data
+    start, root = time.time(), demo.ensure_data(ctx) if args.data == "demo" else args.data
     train_set = training_images(root, args, ctx.rank)
-    transform = eval_transform(args.input_size, args.crop_pct, args.interpolation)
-    val_sets = eval_sets(root, args.val_data, transform, train_set.dataset.classes, args.batch_size,
-                         args.workers, ctx)
-    base = f"runs/bake_{args.recipe}" + ("_baseline" if args.baseline else "")
-    out, results = ckpt.resolve_out(args.out, base, ctx, args.resume), {}
+    val_sets = eval_sets(root, args.val_data, eval_transform(args.input_size, args.crop_pct, args.interpolation),
+                         train_set.dataset.classes, args.batch_size, args.workers, ctx)
+    base = f"runs/bake_{args.recipe}" + "_baseline" * args.baseline
+    out, results, trained = ckpt.resolve_out(args.out, base, ctx, args.resume), {}, False
     for name, a in runs:
         ctx.print(f"training {name}: {a.arch}, {a.epochs} epochs, batch {a.batch_size}, lr {a.lr:g}, "
                   f"lambda {a.lam:g}, M {a.per_class}, omega {a.omega:g}, T {a.temperature:g}")
-        metrics, best, seconds = train(a, ctx, train_set, val_sets,
-                                       os.path.join(out, name) if len(runs) > 1 else out)
-        results[name] = {"final": metrics, "best_top1": best, "train_time": seconds}
+        sub = os.path.join(out, name) if len(runs) > 1 else out
+        metrics, best, seconds = train(a, ctx, train_set, val_sets, sub)
+        trained = trained or bool(metrics)  # {}: --resume auto found this run finished
+        results[name] = {"final": ckpt.final_metrics(metrics, sub), "best_top1": best, "train_time": seconds}
+    if not trained:  # every run had finished: keep their summary
+        return ckpt.nothing_to_do(ctx, "BAKE", out, args.epochs)
     line = ", ".join(f"{name} top-1 {r['final']['val_top1']:.2f}% (best {r['best_top1']:.2f}%, "
                      f"{r['train_time']:.0f}s)" for name, r in results.items())
-    ctx.print(f"BAKE summary: {args.arch}, {args.epochs} epochs: {line}; "
-              f"total {time.time() - start:.0f}s, out {out}")
-    if ctx.main:
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    ckpt.write_summary(ctx, out, results, f"BAKE summary: {args.arch}, {args.epochs} epochs: {line}; "
+                       f"total {time.time() - start:.0f}s, out {out}")
 
 
 # --- Command line: recipes, flags, main ----------------------------------------------------------
 # Sec. 4.1 and the official pycls configs BAKE-R-50 / R-50 (lr = 0.2 x batch/256 for ResNets)
-IMAGENET = dict(arch="resnet50", epochs=100, batch_size=512, baseline_batch_size=256, per_class=1,
-                base_lr=0.2, wd=5e-5, nesterov=True, schedule="cosine", warmup_epochs=5, lighting=0.1,
-                precise_bn_images=8192, head_init_std=0.01, augment="rrc", input_size=224, crop_pct=0.875,
-                norm="model", workers=8)
+IMAGENET = dict(arch="resnet50", epochs=100, batch_size=512, baseline_batch_size=256, per_class=1, base_lr=0.2,
+                wd=5e-5, nesterov=True, schedule="cosine", warmup_epochs=5, lighting=0.1, precise_bn_images=8192,
+                head_init_std=0.01, augment="rrc", input_size=224, crop_pct=0.875, norm="model", workers=8)
 RECIPES = {
     "imagenet": IMAGENET,
     # Sec. 4.3 and the official small_scale scripts (CIFAR-100: 128 = 32 anchors x (M = 3 + 1))
-    "cifar": dict(arch=CIFAR_ARCH, epochs=200, batch_size=128, baseline_batch_size=128, per_class=3,
-                  base_lr=0.2, wd=1e-4, nesterov=False, schedule="step", warmup_epochs=0, lighting=0.0,
-                  precise_bn_images=0, head_init_std=None, augment="pad_crop", input_size=32, crop_pct=1.0,
-                  norm="cifar", workers=4),
+    "cifar": dict(arch=CIFAR_ARCH, epochs=200, batch_size=128, baseline_batch_size=128, per_class=3, base_lr=0.2,
+                  wd=1e-4, nesterov=False, schedule="step", warmup_epochs=0, lighting=0.0, precise_bn_images=0,
+                  head_init_std=None, augment="pad_crop", input_size=32, crop_pct=1.0, norm="cifar", workers=4),
     # laptop-sized, shaped like the ImageNet recipe (no precise BN: it would cost more than an epoch)
     "demo": dict(IMAGENET, arch="test_efficientnet", epochs=16, batch_size=64, baseline_batch_size=32,
                  base_lr=0.4, wd=5e-4, warmup_epochs=0, precise_bn_images=0, input_size=64, crop_pct=1.0,
@@ -467,8 +434,7 @@ FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or
     ("--per-class", flags.nonneg_int, "M same-class images per anchor"),
     ("--baseline", "store_true", "the paper's vanilla run: lambda 0, M 0, no SyncBN, its own batch"),
     ("--local-ensembling", "store_true", "ensemble per GPU (default: global batch, official GLOBAL_KE)"),
-    ("--sync-bn", ["auto", "on", "off"], "SyncBatchNorm under CUDA DDP (auto: iff M > 0, as the paper)",
-     dict(default="auto")),
+    ("--sync-bn", ["auto", "on", "off"], "SyncBatchNorm under CUDA DDP (auto: iff M > 0)", dict(default="auto")),
     ("--epochs", flags.positive_int, ""),
     ("--batch-size", flags.positive_int, "global images per step, anchors x (M + 1)"),
     ("--lr", flags.positive_float, "default 0.2 x batch/256 (ImageNet: 0.4 at 512)"),
@@ -496,15 +462,13 @@ def parse_args(argv=None, paired=False):
     flags.refuse_ignored(set() if paired else flags.given(p, argv), [  # the demo's pair: BAKE's flags
         (args.baseline, "--baseline (the paper's vanilla run: lambda 0, M 0; a control with other values: "
          "--lam 0 without --baseline)", ("lam", "per_class"))])
-    args.recipe = "demo" if args.data == "demo" and args.recipe is None else (args.recipe or "imagenet")
-    recipe = RECIPES[args.recipe]
+    args.recipe = args.recipe or ("demo" if args.data == "demo" else "imagenet")
     if args.baseline:  # forced: the demo's pair passes BAKE's typed flags here too
         args.lam, args.per_class = 0.0, 0
-        args.batch_size = args.batch_size or recipe["baseline_batch_size"]
+        args.batch_size = args.batch_size or RECIPES[args.recipe]["baseline_batch_size"]
         args.sync_bn = "off" if args.sync_bn == "auto" else args.sync_bn
-    vars(args).update({key: value for key, value in recipe.items() if vars(args).get(key, 0) is None})
-    if args.lr is None:
-        args.lr = args.base_lr * args.batch_size / 256  # the paper's lr = base_lr x batch/256
+    flags.fill_from(args, RECIPES[args.recipe])
+    args.lr = args.lr or args.base_lr * args.batch_size / 256  # the paper's lr = base_lr x batch/256
     return args
 
 
@@ -517,8 +481,7 @@ def check_args(args, ctx):
 
 
 def runs_of(args, argv):
-    """[(name, args)]: the run asked for; on the demo, BAKE is followed by the paper's vanilla run
-    (the same command with --baseline). A control (--lam 0) or --baseline runs alone."""
+    """[(name, args)]: the run asked for, then on the demo (not for --lam 0) the same with --baseline."""
     runs = [("baseline" if args.baseline else "bake", args)]
     if args.data == "demo" and not args.baseline and args.lam > 0:
         runs.append(("baseline", parse_args(list(argv) + ["--baseline"], paired=True)))
@@ -528,8 +491,7 @@ def runs_of(args, argv):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    run_main(lambda ctx: run(args, runs_of(args, argv), ctx), args,
-             (DataError, ModelError, FloatingPointError))
+    run_main(lambda ctx: run(args, runs_of(args, argv), ctx), args, (DataError, ModelError, FloatingPointError))
 
 
 if __name__ == "__main__":

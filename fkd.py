@@ -29,7 +29,6 @@ Commands (batch sizes are global, all GPUs together, counted in crops, as in the
   released labels  python fkd.py --data /imagenet --mode import --import-from DIR --labels L
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -39,7 +38,6 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision.transforms.v2 import functional as TF
 
@@ -48,7 +46,7 @@ from common.crops import replay_crops, sample_crops
 from common.data import (DataError, FreshCrops, TaggedSampler, eval_sets, evaluate, evaluate_sets,
                          eval_transform, image_folder, load_rgb, loader, mix_batch)
 from common.dist import (EpochSums, epoch_generator, maybe_compile, on_every_rank, run_main, seed_rank_epoch,
-                         seeded, unwrap)
+                         seeded, unwrap, wrap_ddp)
 from common.labels import (CODECS, LabelStore, StoreError, StoredCrops, check_for_training, decode_stored_batch,
                            default_store_path, describe_store, encode, failing_tells_the_others, failure_marker,
                            label_identity, lock_store, open_for_generation, open_shared, show_labels,
@@ -221,10 +219,7 @@ def train(args, ctx, train_set, val_sets, store, teachers, student, student_cfg)
     checkpoint = ckpt.Checkpointer(args.out, ctx, args.resume, args.overwrite, args=recorded,
                                    model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     start_epoch, best = checkpoint.restore(student.num_classes)
-    if ctx.distributed:
-        gpu = [ctx.device.index] if ctx.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=gpu)
-    model, autocast = maybe_compile(model, args), ctx.autocast(args)
+    model, autocast = maybe_compile(wrap_ddp(model, ctx), args), ctx.autocast(args)
     teacher_autocast = ctx.teacher_autocast(args)[0]  # online KD's teachers: fp32 unless --teacher-amp
     scores_classes = unwrap(model).num_classes == num_classes  # not for SSL labels of another width
     data, metrics, run_start = None, {}, time.time()
@@ -322,8 +317,6 @@ def run(args, explicit, ctx):
         args.teacher = demo.resolve_teachers(args.teacher, [DEMO_TEACHER], ctx, log=ctx.print)
     check_args(args, explicit, ctx.world)
     ctx.print(describe_recipe(args, explicit))
-    if args.amp and ctx.device.type != "cuda":
-        ctx.print("note: --amp applies to CUDA only; running in fp32 on CPU")
     train_set = image_folder(root, "train")
     if args.mode == "import":  # the authors' released label files -> a store
         from fkd_released import import_labels
@@ -381,18 +374,16 @@ def run(args, explicit, ctx):
     metrics, best, train_time = train(args, ctx, train_set, val_sets, store,
                                       teachers if args.mode == "online" else [], student, student_cfg)
     if not metrics:  # --resume auto on a run that had already finished: nothing trained, keep its summary
-        return ctx.print(f"FKD: {args.out} already holds a finished run of {args.epochs} epochs; nothing to do "
-                         f"(its results are in {os.path.join(args.out, 'summary.json')})")
-    top1 = metrics["val_top1"]
-    ctx.print(f"FKD summary: mode {args.mode}, student {args.arch}, {args.epochs} epochs, "
-              + (f"teacher top-1 {teacher_top1:.2f}%, " if teacher_top1 is not None else "")
-              + (f"student top-1 {top1:.2f}% (best {best:.2f}%), " if not math.isnan(top1) else
-                 f"final train loss {metrics['train_loss']:.4f} (no val accuracy for {label_dim}-d labels), ")
-              + f"train {train_time:.0f}s, total {time.time() - start:.0f}s, out {args.out}")
-    if ctx.main:
-        with open(os.path.join(args.out, "summary.json"), "w") as f:
-            json.dump(dict(mode=args.mode, recipe=args.recipe, teacher_top1=teacher_top1, final=metrics,
-                           best_top1=best, train_time=train_time, total_time=time.time() - start), f, indent=1)
+        return ckpt.nothing_to_do(ctx, "FKD", args.out, args.epochs)
+    top1, total = metrics["val_top1"], time.time() - start
+    line = (f"FKD summary: mode {args.mode}, student {args.arch}, {args.epochs} epochs, "
+            + (f"teacher top-1 {teacher_top1:.2f}%, " if teacher_top1 is not None else "")
+            + (f"student top-1 {top1:.2f}% (best {best:.2f}%), " if not math.isnan(top1) else
+               f"final train loss {metrics['train_loss']:.4f} (no val accuracy for {label_dim}-d labels), ")
+            + f"train {train_time:.0f}s, total {total:.0f}s, out {args.out}")
+    ckpt.write_summary(ctx, args.out, dict(mode=args.mode, recipe=args.recipe, teacher_top1=teacher_top1,
+                                           final=metrics, best_top1=best, train_time=train_time,
+                                           total_time=total), line)
 
 
 # ---------- Command line: recipes, flags, checks, main -------------------------------------------
@@ -483,9 +474,7 @@ def parse_args(argv=None):
     parser = flags.build_parser(__doc__.split("\n\n")[0], FLAGS, "the student")
     args, explicit = parser.parse_args(argv), flags.given(parser, argv)
     args.recipe = args.recipe or ("demo" if args.data == "demo" else "resnet50")
-    for key, value in RECIPES[args.recipe].items():
-        if key not in ("reported", "lr_rule") and key not in explicit:
-            setattr(args, key, list(value) if isinstance(value, list) else value)
+    flags.fill_from(args, RECIPES[args.recipe])  # "reported", "lr_rule": no flags
     if "lr" not in explicit:  # linear scaling rule of the paper's recipes
         base, per = lr_rule(args, RECIPES[args.recipe])
         args.lr = base * args.batch_size / per

@@ -14,14 +14,12 @@ Equation map:
   Eq. 5   p_D = sigmoid(f(x)), f = three fully connected layers      -> Discriminator
   update  L_CE + L_D under one optimizer (official)                  -> meal_step()
 
-The discriminator sees the student's logits vs the teachers' mean logits online (paper, train.py);
-with --labels, the student's softmax through the store's codec vs the stored p_e (FKD_train.py).
---disc-rule cooperative (default, the official code the paper's numbers came from): ONE SGD over
-student and discriminator minimizes L_CE + L_D, so the student also descends the discriminator's
-BCE, which slows its mimicking of the teachers (the regularizer of Sec. 6.3 / App. B); gan: not what
-the paper ran. --no-disc: Fig. 9's ablation; --no-teachers: hard-label CE from the same init, crops,
-optimizer and schedule (the control). Schedules: online 180 epochs, lr x0.1 after 101 (train.py);
---labels 200 epochs, x0.1 at 100 and 180 (the FKD_train.py README command).
+The discriminator sees the student's logits vs the teachers' mean logits online (paper, train.py),
+the student's softmax through the store's codec vs the stored p_e with --labels (FKD_train.py).
+--disc-rule cooperative (default, official): ONE SGD minimizes L_CE + L_D over student and
+discriminator, so the student also descends the discriminator's BCE, which slows its mimicking of
+the teachers (Sec. 6.3 / App. B); gan: not what the paper ran. --no-disc: Fig. 9's ablation;
+--no-teachers: the hard-label CE control (docs/meal_v2.md has the recipes and schedules).
 
 Commands (--batch-size is global over all processes and counts crops; lr = 0.01 x batch / 512):
   CPU demo   python meal_v2.py --data demo                                       (online teachers)
@@ -41,7 +39,6 @@ Commands (--batch-size is global over all processes and counts crops; lr = 0.01 
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import time
@@ -56,7 +53,8 @@ from torch.utils.data import DistributedSampler
 from common import ckpt, demo, flags
 from common.data import (DataError, FreshCrops, TaggedSampler, eval_loader, eval_sets, eval_transform, evaluate,
                          evaluate_sets, image_folder, loader, to_device)
-from common.dist import EpochSums, derive_seed, maybe_compile, run_main, seed_rank_epoch, seeded, unwrap
+from common.dist import (EpochSums, derive_seed, maybe_compile, run_main, seed_rank_epoch, seeded, unwrap,
+                         wrap_ddp)
 from common.labels import (LabelStore, StoreError, StoredCrops, decode, decode_stored_batch, encode,
                            free_bytes, human_bytes, image_list_hash, teacher_identity)
 from common.models import (ModelError, create, describe_data_config, init_spec, load_teachers,
@@ -172,8 +170,7 @@ def batch_inputs(batch, store, device):
     else:  # one fresh crop per image, also resized for every teacher
         crops, views, labels = batch
         views, stored = [v.to(device, non_blocking=True).flatten(0, 1) for v in views], None
-    return (crops.to(device, non_blocking=True).flatten(0, 1), views, stored,
-            labels.to(device, non_blocking=True))
+    return crops.to(device, non_blocking=True).flatten(0, 1), views, stored, labels.to(device, non_blocking=True)
 
 
 def batch_targets(crops, views, stored, labels, teachers, num_classes, args, ctx, rng):
@@ -192,10 +189,9 @@ def batch_targets(crops, views, stored, labels, teachers, num_classes, args, ctx
 
 
 def pass_plan(epochs, m, drops):
-    """[(first epoch, crops per image)]: with --labels one pass of m stored crops per image is m epochs
-    (official FKD_train.py: `for epoch in range(0, epochs, m)`). So that every logged epoch is an epoch, no
-    pass crosses an lr drop (`drops`: one or a list) or the end: the epochs left before either run one crop
-    per image, one epoch per pass (FKD's single-crop tail)."""
+    """[(first epoch, crops per image)]: with --labels a pass of m stored crops per image is m epochs (official
+    FKD_train.py: `for epoch in range(0, epochs, m)`); no pass crosses an lr drop (`drops`: one or a list) or
+    the end (each logged epoch is one): the epochs left before either run one crop per image, as FKD's tail."""
     plan, epoch, drops = [], 0, [drops] if isinstance(drops, int) else drops
     for end in sorted({min(drop, epochs) for drop in drops} | {epochs}):
         while epoch < end:
@@ -215,8 +211,7 @@ def clock(cuda):
 
 def build_training(student, num_classes, args, ctx):
     """The student (and discriminator) on the device, ONE SGD holding both (official), the scaler."""
-    cuda = ctx.device.type == "cuda"
-    model = student.to(ctx.device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    model = student.to(ctx.device, memory_format=torch.channels_last if ctx.device.type == "cuda" else None)
     with seeded(args.seed):  # the discriminator's initial weights: the same on every rank
         discriminator = None if args.no_teachers or args.no_disc else Discriminator(num_classes).to(ctx.device)
     groups = [dict(g, base_lr=args.lr) for g in param_groups(model, args.wd)]  # base lr: the schedule's
@@ -243,10 +238,7 @@ def train(args, ctx, train_set, val_sets, store, teachers, model, discriminator,
           checkpoint, cfg):
     num_classes, cuda = len(train_set.classes), ctx.device.type == "cuda"
     start_epoch, best = checkpoint.restore(num_classes)
-    if ctx.distributed:
-        model, discriminator = [None if net is None else nn.parallel.DistributedDataParallel(
-            net, device_ids=[ctx.device.index] if cuda else None) for net in (model, discriminator)]
-    model = maybe_compile(model, args)
+    model, discriminator = maybe_compile(wrap_ddp(model, ctx), args), wrap_ddp(discriminator, ctx)
     student_side = None  # online: logits on both sides (paper, text under Eq. 5)
     if store is not None:  # the discriminator compares stored p_e with the student's softmax
         codec, k = store.meta["codec"], store.meta.get("k", 1)
@@ -335,8 +327,7 @@ FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or
     ("--teacher", "append", "teacher NAME or NAME=PATH, repeated (the paper's gluon senet154 + resnet152s; "
      f"380 px: {' + '.join(TEACHERS_380)})"),
     ("--labels", str, "FKD label store of the same teachers: Fast MEAL V2 (no teacher runs)"),
-    ("--num-crops", flags.positive_int, "m, crops of one image per batch with --labels (2: FKD Table 4's "
-     "80.70% is Table 7's m = 2; demo 4)"),
+    ("--num-crops", flags.positive_int, "m, crops per image in a batch with --labels (2: FKD Table 4; demo 4)"),
     ("--no-disc", "store_true", "no discriminator (ablation, paper Fig. 9)"),
     ("--no-teachers", "store_true", "control: hard-label CE, same init, crops, optimizer, schedule"),
     ("--disc-rule", ["cooperative", "gan"], "cooperative: KD + BCE under one optimizer (official); gan: D "
@@ -367,11 +358,8 @@ def parse_args(argv=None):
         (args.no_teachers, "--no-teachers (hard-label CE on fresh crops with the image labels: no "
          "discriminator, no label store)", ("labels", "d_lr", "disc_rule", "no_disc")),
         (args.no_disc, "--no-disc", ("d_lr", "disc_rule"))])
-    for key, value in PRESETS[recipe_of(args)].items():  # what was not given: the recipe's
-        if getattr(args, key, None) is None and key != "arch":  # the student: see student_spec()
-            setattr(args, key, value)
-    if args.lr is None:
-        args.lr = args.base_lr * args.batch_size / 512
+    flags.fill_from(args, PRESETS[recipe_of(args)], skip=("arch",))  # the student: see student_spec()
+    args.lr = args.lr or args.base_lr * args.batch_size / 512
     return args
 
 
@@ -451,8 +439,6 @@ def run(args, ctx):
     if args.batch_size % (m * ctx.world):
         raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by crops per image x "
                          f"processes = {m * ctx.world}")
-    if args.amp and ctx.device.type != "cuda":
-        ctx.print("note: --amp applies to CUDA only; running in fp32 on CPU")
     start, root = time.time(), demo.ensure_data(ctx) if args.data == "demo" else args.data
     # every input is checked before a teacher is loaded: data folders, the label store, the init, OUT
     train_set = image_folder(root, "train")
@@ -473,9 +459,9 @@ def run(args, ctx):
         return ctx.print(f"eval {spec}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
                          f"on {result['count']} images")
     ctx.print(recipe_line(args))
-    data_name = "demo" if args.data == "demo" else os.path.basename(os.path.normpath(args.data))
     route = "ce" if args.no_teachers else ("labels" if args.labels else "online")  # --no-disc: not with "ce"
-    base = os.path.join("runs", f"meal_v2_{data_name}_{route}" + "_nodisc" * args.no_disc)
+    base = os.path.join("runs", f"meal_v2_{os.path.basename(os.path.normpath(args.data))}_{route}"
+                        + "_nodisc" * args.no_disc)  # the data folder's name (demo: demo)
     args.out = ckpt.resolve_out(args.out, base, ctx, args.resume)
     model, discriminator, optimizer, scaler = build_training(student, num_classes, args, ctx)
     objects = dict(model=model, optimizer=optimizer, scaler=scaler, discriminator=discriminator)
@@ -491,19 +477,16 @@ def run(args, ctx):
     metrics, best, train_time = train(args, ctx, train_set, val_sets, store, teachers if store is None else [],
                                       model, discriminator, optimizer, scaler, checkpoint, cfg)
     if not metrics:  # --resume auto on a run that had already finished: nothing trained, keep its summary
-        return ctx.print(f"MEAL V2: {args.out} already holds a finished run of {args.epochs} epochs; "
-                         f"nothing to do (its results are in {os.path.join(args.out, 'summary.json')})")
+        return ckpt.nothing_to_do(ctx, "MEAL V2", args.out, args.epochs)
     route = {"online": "online teachers", "labels": "labels (Fast MEAL V2)",
              "ce": "CE fine-tuning, no teachers"}[route]
-    ctx.print(f"MEAL V2 summary: {route}, student {args.arch}, {args.epochs} epochs: top-1 {before:.2f}% -> "
-              f"{metrics['val_top1']:.2f}% (best {best:.2f}%)"
-              + (f", teacher ensemble {ensemble_top1:.2f}%" if ensemble_top1 is not None else "")
-              + f", median step {1000 * metrics['step_time_median']:.1f} ms, train {train_time:.0f}s, total "
-              f"{time.time() - start:.0f}s, out {args.out}")
-    if ctx.main:
-        with open(os.path.join(args.out, "summary.json"), "w") as f:
-            json.dump({"route": route, "init_top1": before, "final": metrics, "best_top1": best,
-                       "ensemble_top1": ensemble_top1, "train_time": train_time}, f, indent=1)
+    line = (f"MEAL V2 summary: {route}, student {args.arch}, {args.epochs} epochs: top-1 {before:.2f}% -> "
+            f"{metrics['val_top1']:.2f}% (best {best:.2f}%)"
+            + (f", teacher ensemble {ensemble_top1:.2f}%" if ensemble_top1 is not None else "")
+            + f", median step {1000 * metrics['step_time_median']:.1f} ms, train {train_time:.0f}s, total "
+            f"{time.time() - start:.0f}s, out {args.out}")
+    ckpt.write_summary(ctx, args.out, {"route": route, "init_top1": before, "final": metrics, "best_top1": best,
+                                       "ensemble_top1": ensemble_top1, "train_time": train_time}, line)
 
 
 def main(argv=None):

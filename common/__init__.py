@@ -1,5 +1,4 @@
-"""Small shared plumbing for fkd.py, bake.py, meal_v2.py and frskd.py: one module per concern, listed
-in the README's "Layout"; each module's docstring says what it holds and why."""
+"""Plumbing shared by fkd.py, bake.py, meal_v2.py and frskd.py, one module per concern (README, "Layout")."""
 import torch
 
 # torch.serialization.safe_globals (released labels) is 2.5+; GradScaler("cuda") and

@@ -10,8 +10,10 @@ The rules every script follows:
   flags in RESUMABLE_FLAGS (where and how fast it runs, never what it computes) may change.
 - Checkpoints hold no RNG state: every random draw derives from (seed, rank, epoch[, item])
   (see common/dist.py), so resuming at an epoch boundary replays the uninterrupted run.
-- Checkpoints are written to a temporary file, fsynced and renamed: a kill or a full disk
-  leaves the previous last.pth intact.
+- Checkpoints and summary.json are written to a temporary file, fsynced and renamed: a kill or a
+  full disk leaves the previous last.pth (summary.json) intact.
+- `--resume auto` on a run that had already finished trains nothing and keeps its summary.json
+  (`nothing_to_do`).
 """
 import datetime
 import errno
@@ -48,14 +50,15 @@ class CheckpointError(ModelError):
 
 
 # --- Writing files without losing the previous version --------------------------------------------
-def save_atomic(obj, path):
-    """torch.save, atomically (above); a failed write (full disk, quota) leaves no temporary file."""
+def save_atomic(obj, path, write=torch.save):
+    """write(obj, binary file) (torch.save), atomically (above); a failed write (full disk, quota)
+    leaves no temporary file."""
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     with uninterrupted():  # a Ctrl-C or SIGTERM now stops the run after the write, not inside it
         try:
             with open(tmp, "wb") as f:
-                torch.save(obj, f)
+                write(obj, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -199,7 +202,7 @@ def prepare_out(out, resume, overwrite):
         raise CheckpointError("--resume continues a run and --overwrite starts it over; pass only one")
     make_out_folder(out)
     for name in os.listdir(out):  # OUT is locked: a temporary file is a killed run's half-written one
-        if re.fullmatch(r"(last|best)\.pth\.tmp\d+|metrics\.jsonl\.tmp", name):
+        if re.fullmatch(r"((last|best)\.pth|summary\.json)\.tmp\d+|metrics\.jsonl\.tmp", name):
             os.remove(os.path.join(out, name))
     written = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
     if resume:
@@ -342,6 +345,33 @@ class MetricsLog:
         with open(self.path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(self.path + ".tmp", self.path)
+
+
+# --- The end of a run: its summary ----------------------------------------------------------------
+def write_summary(ctx, out, results, line):
+    """Print the run's summary `line`; on rank 0 write `results` to OUT/summary.json, atomically."""
+    ctx.print(line)
+    if ctx.main:
+        save_atomic(results, os.path.join(out, "summary.json"),
+                    lambda obj, f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def nothing_to_do(ctx, method, out, epochs):
+    """Say that `--resume auto` found the run in OUT finished (train() returned no metrics): nothing
+    is trained and OUT/summary.json is kept as it is."""
+    ctx.print(f"{method}: {out} already holds a finished run of {epochs} epochs; nothing to do "
+              f"(its results are in {os.path.join(out, 'summary.json')})")
+
+
+def final_metrics(metrics, out):
+    """`metrics` of the last epoch trained; for a run that had finished before this command ({}: a
+    demo's first run when its second was interrupted), the last record of OUT/metrics.jsonl."""
+    path = os.path.join(out, "metrics.jsonl")
+    if metrics or not os.path.isfile(path):
+        return metrics
+    with open(path) as f:
+        lines = f.read().splitlines()
+    return json.loads(lines[-1]) if lines else {}
 
 
 # --- The checkpointer of a training run -----------------------------------------------------------

@@ -1,8 +1,7 @@
-"""Random-resized-crop sampling that depends only on (seed, image index, stream, crop index), and
-exact replay. A crop is an integer pixel box of the original image (top, left, height, width) plus a
-flip bit, so label generation and training cut exactly the same region (FKD Sec. 3.1). Replay is
-crop-then-resize, the same pixels as torchvision's `resized_crop` on a PIL image, which is what the
-official code runs in both phases."""
+"""Random-resized-crop sampling that depends only on (seed, image index, stream, crop index), and exact replay:
+a crop is an integer pixel box of the original image (top, left, height, width) plus a flip bit, so label
+generation and training cut exactly the same region (FKD Sec. 3.1). Replay is crop-then-resize, the pixels of
+torchvision's `resized_crop` on a PIL image, which the official code runs in both phases."""
 import math
 
 import numpy as np
@@ -15,14 +14,11 @@ ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before falling b
 CHUNK = 64  # crops drawn per random stream: crop i comes from chunk i // CHUNK, row i % CHUNK
 
 
-def sample_crops(seed, index, width, height, num_crops, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                 stream=0):
-    """`num_crops` RandomResizedCrop boxes and flips of one image (the distribution of torchvision's
-    RandomResizedCrop + RandomHorizontalFlip): boxes int64 [num_crops, 4] as (top, left, height,
-    width), flips bool [num_crops]. Crop i depends only on (seed, index, stream, i) and the image
-    size: never on the number of crops asked for, worker count, shuffle order or restarts."""
-    # Every crop has a fixed number of uniform draws, from chunk i // CHUNK of (seed, index, stream):
-    # crop i never depends on crop j's attempts, and stores with M = 200 and M = 500 share 200 crops.
+def sample_crops(seed, index, width, height, num_crops, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), stream=0):
+    """Boxes int64 [num_crops, 4] (top, left, height, width) and flips bool [num_crops] of one image, drawn as
+    torchvision's RandomResizedCrop + RandomHorizontalFlip; crop i depends only on (seed, index, stream, i)
+    and the image size, never on num_crops, worker count, shuffle order or restarts."""
+    # Each crop has its own fixed draws (in chunk i // CHUNK): stores with M = 200 and M = 500 share 200 crops.
     draws = 2 * ATTEMPTS + 3  # area and ratio per attempt, top and left, flip
     u = np.concatenate([np.random.default_rng([seed, index, stream, chunk]).random((CHUNK, draws))
                         for chunk in range(math.ceil(num_crops / CHUNK))])[:num_crops]
@@ -47,11 +43,9 @@ def sample_crops(seed, index, width, height, num_crops, scale=(0.08, 1.0), ratio
 
 
 def replay_crops(image, boxes, flips, size, interpolation="bilinear"):
-    """Cut the recorded boxes out of an image, resize each to size x size, apply its flip -> uint8
-    [len(boxes), C, size, size], the same bytes for the same input (generation and training see the
-    same crops). `image`: a PIL RGB image (what every loader uses: crop, then PIL's resize, see the
-    module docstring; `resize(box=...)` instead would let the filter read pixels outside the box at
-    its borders) or a uint8 CHW tensor on any device (torchvision's antialiased tensor resize)."""
+    """The boxes cut from `image`, resized to size x size and flipped -> uint8 [len(boxes), C, size, size], the
+    same bytes for the same input. `image`: PIL RGB (every loader: crop, then PIL's resize; `resize(box=...)`
+    would let the filter read pixels outside the box) or uint8 CHW on any device (antialiased tensor resize)."""
     boxes = np.asarray(boxes).tolist()
     if isinstance(image, Image.Image):
         resample = getattr(Image, interpolation.upper())  # Image.BILINEAR, Image.BICUBIC, ...

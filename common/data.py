@@ -1,9 +1,5 @@
-"""ImageFolder loading with clear errors, eval transforms, sharded evaluation.
-
---data DIR expects DIR/train/<class>/<image> and DIR/val/<class>/<image> (classes sorted, files
-sorted, as torchvision's ImageFolder). Images are handed around as uint8 CHW tensors and
-normalized on the training device.
-"""
+"""ImageFolder loading (DIR/train/<class>/<image>, DIR/val/...) with one-sentence errors, transforms, mixing,
+sharded evaluation. Images travel as uint8 CHW tensors, normalized on the training device."""
 import math
 import os
 
@@ -43,10 +39,8 @@ def load_rgb(path):
 
 
 def check_symlinks(folder):
-    """Refuse directory symlinks that make ImageFolder (which follows them) read images twice: a
-    link to a folder that contains it (a loop, e.g. `class/up -> ..`) or to a folder the walk
-    reaches anyway. Symlinked class folders pointing elsewhere (a common way to assemble a data
-    set) are fine."""
+    """Refuse directory symlinks that make ImageFolder (which follows them) read images twice: a loop
+    (`class/up -> ..`) or a folder the walk reaches anyway; class folders linked from elsewhere are fine."""
     seen = {os.path.realpath(folder): folder}  # real folder -> the path that reached it first
     for current, dirs, _ in os.walk(folder, followlinks=True):
         real_current = os.path.realpath(current)
@@ -89,23 +83,18 @@ def image_folder(root, split, transform=None, classes=None):
 
 def eval_transform(size, crop_pct=0.875, interpolation="bilinear"):
     """Resize the short side to size / crop_pct, center crop size x size, uint8 tensor."""
-    return transforms.Compose([
-        transforms.Resize(int(math.floor(size / crop_pct)), interpolation=InterpolationMode(interpolation)),
-        transforms.CenterCrop(size),
-        transforms.PILToTensor(),
-    ])
+    resize = transforms.Resize(int(size / crop_pct), interpolation=InterpolationMode(interpolation))
+    return transforms.Compose([resize, transforms.CenterCrop(size), transforms.PILToTensor()])
 
 
 def ShardSampler(n, rank=0, world=1):  # a range is a sampler
-    """Contiguous, unpadded shard of range(n) for this rank: every sample is seen exactly once
-    across ranks (DistributedSampler pads and would count some images twice)."""
+    """This rank's contiguous, unpadded shard of range(n): each sample once (DistributedSampler pads)."""
     return range(n * rank // world, n * (rank + 1) // world)
 
 
 class TaggedSampler(Sampler):
-    """Wrap a sampler (or a batch sampler) so each index comes with a tag (e.g. the pass number) for
-    the dataset; the tag is read in the main process when the epoch starts, so it reaches persistent
-    workers. The one seeding rule of every script: a random draw depends on (seed, rank, tag, index)."""
+    """Wrap a sampler (or batch sampler) so each index comes with a tag (e.g. the pass number), set in the main
+    process by set_epoch, reaching persistent workers. All scripts seed a draw by (seed, rank, tag, index)."""
 
     def __init__(self, sampler):
         self.sampler, self.tag = sampler, 0
@@ -133,9 +122,8 @@ def item_and_tag(item, dataset):
 
 
 class SeededItems(Dataset):
-    """Item (index, epoch) -> dataset[index] run `seeded` by (seed, rank, epoch, index): random
-    torchvision transforms draw the same in a resumed run as in an uninterrupted one, whatever the
-    worker count or persistent workers, and two ranks never the same stream. Use with TaggedSampler,
+    """Item (index, epoch) -> dataset[index] run `seeded` by (seed, rank, epoch, index): random transforms
+    draw the same in a resumed run, whatever the workers, and differ between ranks. Use with TaggedSampler,
     `set_epoch(epoch, epoch)`."""
 
     def __init__(self, dataset, seed, rank=0):
@@ -155,10 +143,9 @@ def loader(dataset, batch_size, workers, sampler=None, device=None, drop_last=Fa
     if drop_last and count < batch_size:
         raise DataError(f"each process gets {count} training images per epoch, fewer than its batch of "
                         f"{batch_size}; lower --batch-size")
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        pin_memory=device is not None and device.type == "cuda", drop_last=drop_last,
-        persistent_workers=persistent and workers > 0)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       pin_memory=device is not None and device.type == "cuda",
+                                       drop_last=drop_last, persistent_workers=persistent and workers > 0)
 
 
 def eval_loader(dataset, batch_size, workers, ctx, persistent=True):
@@ -168,10 +155,9 @@ def eval_loader(dataset, batch_size, workers, ctx, persistent=True):
 
 @torch.no_grad()
 def sum_over_split(model, data_loader, ctx, mean, std, amp, desc, heads, score, shape):
-    """[heads, *shape] float64 sums of score(logits, targets) (int64 [*shape]) over the whole split,
-    each image once across ranks (`eval_loader`). `model` returns a tuple of `heads` logits when
-    heads > 1, all scored in one pass. Sums stay on the device and are all-reduced once at the end
-    (no GPU-to-CPU sync per batch). `amp`: True/False, or the run's args (--amp, --amp-dtype)."""
+    """[heads, *shape] float64 sums of score(logits, targets) (int64 [*shape]) over the split, each image once
+    across ranks (`eval_loader`); heads > 1: `model` returns a tuple of logits, scored in one pass. Sums stay
+    on the device until one all-reduce at the end. `amp`: True/False or the run's args (--amp, --amp-dtype)."""
     model.eval()
     sums = torch.zeros(heads, *shape, dtype=torch.int64, device=ctx.device)
     autocast = ctx.autocast(amp) if not isinstance(amp, bool) else \
@@ -187,8 +173,7 @@ def sum_over_split(model, data_loader, ctx, mean, std, amp, desc, heads, score, 
 
 
 def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval", heads=1):
-    """Top-1 / top-5 (%) and the image count over the whole split (sum_over_split); a list of
-    dicts, one per head, when heads > 1."""
+    """Top-1 / top-5 (%) and image count over the split (sum_over_split); heads > 1: a list, one per head."""
     if ctx.distributed:  # rank 0's BN statistics everywhere: the ones its checkpoint holds
         for buffer in model.buffers():  # (a DDP forward broadcasts them only at its start)
             torch.distributed.broadcast(buffer, 0)
@@ -204,8 +189,7 @@ def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval", heads=1
 
 
 def eval_sets(root, extra_roots, transform, classes, batch_size, workers, ctx):
-    """{"val": ROOT/val, "extra0": the first --val-data folder, ...} as sharded loaders; the batch
-    is the global training batch split between the processes."""
+    """{"val": ROOT/val, "extra0": the first --val-data folder, ...}: sharded loaders, batch_size / world."""
     folders = [("val", root, "val")] + [(f"extra{i}", path, "") for i, path in enumerate(extra_roots)]
     batch = max(1, batch_size // ctx.world)
     return {name: eval_loader(image_folder(folder, split, transform, classes), batch, workers, ctx)
@@ -213,25 +197,20 @@ def eval_sets(root, extra_roots, transform, classes, batch_size, workers, ctx):
 
 
 def evaluate_sets(model, val_sets, ctx, mean, std, amp=False):
-    """evaluate() on each named loader ({"val": ..., "extra0": ...}): one dict with NAME_top1,
-    NAME_top5 and NAME_count per set, the keys of the per-epoch metrics log."""
+    """evaluate() on each named loader -> {NAME_top1, NAME_top5, NAME_count} (the per-epoch log's keys)."""
     return {f"{name}_{key}": value for name, data_loader in val_sets.items()
             for key, value in evaluate(model, data_loader, ctx, mean, std, amp, desc=name).items()}
 
 
 def train_transform(size, scale=(0.08, 1.0), interpolation="bilinear"):
     """RandomResizedCrop + horizontal flip, uint8 tensor (normalized later on the device)."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode(interpolation)),
-        transforms.RandomHorizontalFlip(),
-        transforms.PILToTensor(),
-    ])
+    crop = transforms.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode(interpolation))
+    return transforms.Compose([crop, transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
 
 
 def cutmix_box(height, width, lam, rng):
-    """CutMix's box (timm's rand_bbox semantics): a box of side sqrt(1 - lam) x the image side,
-    centred uniformly at random, clipped to the image; and lambda corrected to 1 - its area.
-    `rng` is a numpy Generator (no global RNG)."""
+    """CutMix's box (timm's rand_bbox): side sqrt(1 - lam) x the image's, centred uniformly at random, clipped;
+    and lambda corrected to 1 - its area. `rng`: a numpy Generator (no global RNG)."""
     ratio = math.sqrt(1 - lam)
     cut_h, cut_w = int(height * ratio), int(width * ratio)
     cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
@@ -241,15 +220,13 @@ def cutmix_box(height, width, lam, rng):
 
 
 def to_device(tensor, device):
-    """A CPU tensor on `device` without making the host wait for the GPU: pinned, then copied
-    asynchronously (a pageable tensor's .to(cuda) blocks until the copy is done)."""
+    """A CPU tensor on `device`, pinned then copied async (a pageable one's .to(cuda) blocks the host)."""
     return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
 def mix_batch(images, targets, mixup_alpha, cutmix_alpha, generator):
-    """Mixup or cutmix (chosen 50/50 when both are on) on inputs and soft labels with the same
-    lambda; cutmix's lambda is corrected to the pasted area. Every draw (the choice, lambda, the
-    pairing and the box) comes from `generator`, so the same generator state gives the same mix."""
+    """Mixup or cutmix (50/50 when both are on) of inputs and soft labels with one lambda (cutmix's: corrected
+    to the pasted area). Every draw (choice, lambda, pairing, box) comes from `generator`."""
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(1, generator=generator).item() < 0.5)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
     rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
@@ -265,11 +242,10 @@ def mix_batch(images, targets, mixup_alpha, cutmix_alpha, generator):
 
 
 class FreshCrops(Dataset):
-    """Item (image n, epoch) -> m new random crops at the student's size (and at each teacher's
-    size for online KD); baselines: the same pipeline without stored labels. Use with
-    TaggedSampler(sampler) and `sampler.set_epoch(epoch, epoch)`: the crops depend on (seed, n,
-    epoch) alone. `augment(crops, generator)`: an optional random op on the uint8 crops (e.g. colour
-    jitter), applied with the same draws to the student's crops and every teacher view."""
+    """Item (image n, epoch) -> m new random crops at the student's size and each teacher's (`views`, online
+    KD); baselines: the same without stored labels. Use with TaggedSampler and `set_epoch(epoch, epoch)`: the
+    crops depend on (seed, n, epoch) alone. `augment(crops, generator)`: an optional random op on the uint8
+    crops (e.g. colour jitter), with the same draws for the student's crops and every teacher view."""
 
     def __init__(self, samples, m, size, interpolation, views, scale, ratio, seed, augment=None):
         self.samples, self.m, self.size, self.interp = samples, m, size, interpolation

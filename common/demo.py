@@ -1,11 +1,7 @@
-"""The embedded demo: a procedurally generated image-classification set and cached demo teachers.
-
-`--data demo` builds (once) 10 classes of shapes (disc, square, triangle, ...) of random color,
-size, rotation and position on cluttered, noisy backgrounds. Small objects and clutter mean a
-random-resized crop often misses the object: exactly where region-level soft labels from a
-teacher beat the image label. A demo teacher is trained once on it (plain cross-entropy on random
-crops) and cached, so every method runs end to end on a laptop CPU without downloads.
-"""
+"""The embedded demo (`--data demo`), built once and cached: 10 classes of shapes (disc, square, ...) of random
+colour, size, rotation and position on cluttered, noisy backgrounds, where a random-resized crop often misses
+the object (so a teacher's region-level soft labels beat the image label), and demo teachers trained on it
+(plain cross-entropy on random crops): every method runs end to end on a laptop CPU without downloads."""
 import math
 import os
 import shutil
@@ -68,13 +64,6 @@ def draw_shape(draw, kind, cx, cy, radius, angle, color, background):
         elif kind == "crescent":
             shift = 0.45 * radius
             disc(cx + shift * math.cos(angle), cy + shift * math.sin(angle), radius * 0.85, background)
-    elif kind in ("square", "triangle", "hexagon"):
-        polygon(_regular({"square": 4, "triangle": 3, "hexagon": 6}[kind], radius))
-    elif kind == "star":
-        polygon(_regular(5, radius, inner=radius * 0.42))
-    elif kind == "diamond":
-        polygon([(radius, 0), (radius * 0.55, math.pi / 2), (radius, math.pi),
-                 (radius * 0.55, 3 * math.pi / 2)])
     elif kind == "plus":
         w = radius * 0.33
         h = math.hypot(radius, w)
@@ -82,9 +71,13 @@ def draw_shape(draw, kind, cx, cy, radius, angle, color, background):
                (h, math.pi - math.atan2(-w, radius)), (h, math.pi - math.atan2(w, radius))]
         for turn in (angle, angle + math.pi / 2):
             polygon(bar, turn)
-    elif kind == "arrow":
-        polygon([(radius, 0), (radius * 0.6, 2.3), (radius * 0.35, 2.6), (radius * 0.9, 2.9),
-                 (radius * 0.9, -2.9), (radius * 0.35, -2.6), (radius * 0.6, -2.3)])
+    else:
+        polygon({"square": _regular(4, radius), "triangle": _regular(3, radius), "hexagon": _regular(6, radius),
+                 "star": _regular(5, radius, inner=radius * 0.42),
+                 "diamond": [(radius, 0), (radius * 0.55, math.pi / 2), (radius, math.pi),
+                             (radius * 0.55, 3 * math.pi / 2)],
+                 "arrow": [(radius, 0), (radius * 0.6, 2.3), (radius * 0.35, 2.6), (radius * 0.9, 2.9),
+                           (radius * 0.9, -2.9), (radius * 0.35, -2.6), (radius * 0.6, -2.3)]}[kind])
 
 
 def _class_color(class_index, rng):
@@ -96,8 +89,7 @@ def _class_color(class_index, rng):
 
 
 def cluttered_background(rng, size):
-    """A noisy color gradient with strokes and blobs in class hues (no class shapes).
-    Returns the PIL image, a drawing context on it, and the base color (for cut-outs)."""
+    """Noisy gradient with clutter in class hues -> (PIL image, its ImageDraw, base colour for cut-outs)."""
     base = rng.integers(40, 216, 3)
     grad = np.linspace(-30, 30, size)[None, :, None] * rng.choice([-1, 1], 3)
     img = Image.fromarray(np.clip(base + grad + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8))
@@ -182,9 +174,8 @@ def train_teacher(arch, root, epochs, seed=0, batch_size=64, lr=0.1, log=print):
     model.train()
     for epoch in range(epochs):
         for batch in torch.randperm(len(images))[:batches * batch_size].view(batches, batch_size).tolist():
-            crops = torch.cat([replay_crops(images[i], *sample_crops(seed, i, IMAGE_SIZE, IMAGE_SIZE, 1, (0.25, 1),
-                                                                   stream=1 + epoch), IMAGE_SIZE)
-                               for i in batch])
+            boxes = [sample_crops(seed, i, IMAGE_SIZE, IMAGE_SIZE, 1, (0.25, 1), stream=1 + epoch) for i in batch]
+            crops = torch.cat([replay_crops(images[i], *box, IMAGE_SIZE) for i, box in zip(batch, boxes)])
             loss = F.cross_entropy(model(normalize(crops, DATA_CONFIG["mean"], DATA_CONFIG["std"])),
                                    targets[batch], label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
@@ -211,8 +202,7 @@ def ensure_teacher(arch, ctx=None, epochs=40, log=print):
 
 
 def resolve_teachers(specs, default, ctx=None, log=print):
-    """On the demo set a bare model name (no =PATH) means that architecture trained on the demo set
-    (trained once, then cached); NAME=PATH specs pass through."""
+    """Demo set: a bare name (no =PATH) is that architecture trained on it once and cached; NAME=PATH passes."""
     return [spec if "=" in spec else ensure_teacher(spec, ctx, log=log) for spec in (specs or default)]
 
 
@@ -224,9 +214,8 @@ SEG_TRAIN_IMAGES, SEG_VAL_IMAGES = 480, 160
 
 
 def render_scene(rng, size=SEG_IMAGE_SIZE, max_shapes=2):
-    """One segmentation demo image and its mask: 1..max_shapes shapes of random classes, of the
-    classification set's sizes (later ones drawn over earlier ones), on a cluttered background;
-    clutter is background in the mask."""
+    """(image, mask): 1..max_shapes shapes of random classes and the classification set's sizes, later ones
+    over earlier ones, on a cluttered background (background in the mask)."""
     img, draw, background = cluttered_background(rng, size)
     mask = Image.new("L", (size, size), 0)
     mask_draw = ImageDraw.Draw(mask)

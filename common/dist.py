@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.utils import unwrap_model
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 
@@ -153,15 +154,18 @@ def _interrupt(signum, frame):
 
 
 def run_main(work, args, errors):
-    """Set up the process (group), run `work(ctx)`, and end every way one sentence long: Ctrl-C and
-    SIGTERM (what a cluster scheduler sends before it kills a job) say how to resume, `errors`
-    print as `error: ...`; both exit non-zero. The process group and the run lock are released."""
+    """Set up the process (group; a note when --amp cannot apply, off CUDA), run `work(ctx)`, and end
+    every way one sentence long: Ctrl-C and SIGTERM (what a cluster scheduler sends before it kills a
+    job) say how to resume, `errors` print as `error: ...`; both exit non-zero. The process group and
+    the run lock are released."""
     from .ckpt import INTERRUPTED
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
     try:
         ctx = setup(args.device, getattr(args, "threads", None))
+        if getattr(args, "amp", False) and ctx.device.type != "cuda":
+            ctx.print("note: --amp applies to CUDA only; running in fp32 on CPU")
         work(ctx)
     except KeyboardInterrupt:
         # a SIGTERM to the process group also ended the loader workers: their iterator's teardown
@@ -191,6 +195,15 @@ def scaler_enabled(args, device):
 def maybe_compile(model, args):
     """torch.compile(model) when --compile was given; the model unchanged otherwise."""
     return torch.compile(model) if getattr(args, "compile", False) else model
+
+
+def wrap_ddp(model, ctx, **kwargs):
+    """DistributedDataParallel(model) on this rank's device in a process group; the model unchanged
+    otherwise (and None, an optional network, stays None). `kwargs` go to DistributedDataParallel."""
+    if model is None or not ctx.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                   **kwargs)
 
 
 def _is_terminal(stream):

@@ -51,6 +51,14 @@ def given(parser, argv):
             action.default = default
 
 
+def fill_from(args, recipe, skip=()):
+    """The recipe's value for every flag left at None (not typed, no default), lists copied; keys that
+    are no flag of `args` (or in `skip`) are left out."""
+    for key, value in recipe.items():
+        if key not in skip and vars(args).get(key, 0) is None:
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+
+
 def build_parser(description, table, network="the network"):
     """An ArgumentParser from a table of (flag, kind, help[, argparse extras]) rows plus the run
     flags. kind: a parser of this module (it checks the value; its range is added to the help),

@@ -1,13 +1,7 @@
-"""FKD soft-label codecs (Sec. 3.5, Eq. 3-7) and the label store (docs/fkd.md, "The label store").
-
-Codecs, vectorized over a batch of crops on any device; p is the ensemble's probabilities: `full`
-all C (float32; or pre-softmax outputs, Sec. 3.4), `hard` argmax (Eq. 3), `smooth` argmax + its
-probability, the rest uniform (Eq. 4), `ms` top-K, the rest uniform (Eq. 5), `mr` top-K
-renormalized to 1 (Eq. 6-7). The store is a directory: meta.json (layout and the labels' identity,
-IDENTITY below, compared by every path that opens it) plus fixed-record .npy arrays (boxes, flips,
-indices, values, sizes, done) opened with mmap and allow_pickle=False, so any DataLoader worker
-reads any crop in O(1). An imported store (fkd_released.py) carries meta["imported"].
-"""
+"""FKD soft-label codecs (Sec. 3.5, Eq. 3-7), vectorized over a batch of crops on any device, and the
+label store (its files and checks: docs/fkd.md, "The label store"): meta.json (layout and IDENTITY, compared
+by every path that opens it) plus fixed-record .npy arrays read with mmap and allow_pickle=False, so any
+DataLoader worker reads any crop in O(1). An imported store (fkd_released.py) carries meta["imported"]."""
 import contextlib
 import errno
 import hashlib
@@ -35,10 +29,8 @@ REQUIRED = ("format_version", "codec", "k", "num_crops", "num_classes", "num_ima
 def encode(probs, codec, k=5):
     """Probabilities [B, C] (the ensemble's, Sec. 3.1) -> (indices [B, K] or None, values [B, K] or None)."""
     if codec == "full":
-        return None, probs.float()
-    if codec == "hard":
-        # Eq. 3: Y_H = argmax_c z(c); with several teachers: argmax of the *ensemble probabilities*
-        # (the same class as the logits' argmax for one teacher)
+        return None, probs.float()  # all C; a logits store (Sec. 3.4): the pre-softmax outputs
+    if codec == "hard":  # Eq. 3: Y_H = argmax_c z(c); several teachers: of the *ensemble probabilities*
         return probs.argmax(dim=1, keepdim=True), None
     if codec == "smooth":
         top_value, top_index = probs.max(dim=1, keepdim=True)  # Eq. 4: keep p_c of the hard label
@@ -50,9 +42,8 @@ def encode(probs, codec, k=5):
 
 
 def decode(indices, values, codec, num_classes, logits_temperature=None):
-    """Expand stored rows back to dense soft labels [B, C] (float32), on the rows' device.
-    `num_classes`: the label width (a full logits store: its label_dim); `logits_temperature`: the
-    softmax temperature applied here to a `full` store of pre-softmax outputs (SSL variant)."""
+    """Stored rows -> dense soft labels [B, num_classes] float32 on their device; num_classes: the label
+    width (label_dim); logits_temperature: the softmax T applied to a `full` store of logits (SSL variant)."""
     if codec == "full":
         values = values.float()
         return F.softmax(values / logits_temperature, dim=1) if logits_temperature else values
@@ -61,9 +52,8 @@ def decode(indices, values, codec, num_classes, logits_temperature=None):
         return torch.zeros(batch, num_classes, device=indices.device).scatter_(1, indices, 1.0)
     values = values.float()
     if codec in ("smooth", "ms"):
-        # Eq. 4 (K = 1: the hard label keeps p_c, the others get (1 - p_c) / (C - 1)) and Eq. 5: top-K keep
-        # p_c, the others share (1 - sum_topK p_c) / (C - K); fp16 top-K values can sum above 1, so the
-        # marginal mass is clamped at 0.
+        # Eq. 4 (K = 1) and Eq. 5: the top-K keep p_c, the other C - K share 1 - sum_topK p_c, clamped at 0
+        # (fp16 top-K values can sum above 1)
         rest = (1 - values.sum(dim=1, keepdim=True)).clamp_min(0) / max(num_classes - indices.shape[1], 1)
         return rest.expand(batch, num_classes).clone().scatter_(1, indices, values)
     if codec == "mr":
@@ -90,25 +80,22 @@ def image_identity(train_set):
 
 
 def teacher_identity(specs):
-    """[{"name", "sha256"}] of teacher specs, without loading a model: the sha256 of a NAME=PATH file,
-    None for a timm tag (it names its weights). A generated store's meta records its teachers so plus
-    the data config each was loaded with (fkd.py), compared only where both sides record it."""
+    """[{"name", "sha256"}] of teacher specs, no model loaded: sha256 of a NAME=PATH file, None for a timm
+    tag (it names its weights). fkd.py adds each one's data config, compared where both sides record it."""
     return [{"name": name, "sha256": file_sha256(path) if path and os.path.isfile(path) else None}
             for name, path in map(parse_spec, specs)]
 
 
 def label_identity(train_set, teachers, codec, k, num_crops, crop_scale, crop_ratio, temperature,
                    stores, seed, label_dim=None):
-    """The meta of a store generated for `train_set` (an ImageFolder) with these settings.
-    `teachers`: dicts with "name" and "sha256" (teacher_identity), optionally their data configs."""
+    """The meta of a store generated for `train_set` (an ImageFolder); `teachers`: teacher_identity's."""
     settings = _settings(teachers, codec, k, num_crops, crop_scale, crop_ratio, temperature, stores, seed,
                          label_dim or len(train_set.classes))
     return {**image_identity(train_set), **settings}
 
 
 def _settings(teachers, codec, k, num_crops, crop_scale, crop_ratio, temperature, stores, seed, label_dim):
-    """The label settings of a store; a logits store (SSL variant) records temperature None: T is applied
-    at training time."""
+    """A store's label settings; temperature None for a logits store (SSL variant: T applies in training)."""
     return {"codec": codec, "k": k if codec in ("ms", "mr") else 1, "num_crops": num_crops,
             "label_dim": label_dim, "teachers": [dict(t) for t in teachers],
             "crop_scale": [float(v) for v in crop_scale], "crop_ratio": [float(v) for v in crop_ratio],
@@ -154,7 +141,6 @@ def _shown(key, value):
     return repr(value)
 
 
-# fields that decide a store's bytes, checked by every path that opens a store
 IMAGE_FIELDS = ("num_images", "image_list_sha256", "num_classes", "classes_sha256")
 IDENTITY = IMAGE_FIELDS + ("label_dim", "teachers", "crop_scale", "crop_ratio", "seed", "num_crops",
                           "codec", "k", "temperature", "stores")
@@ -192,20 +178,8 @@ def free_bytes(path):
     return shutil.disk_usage(path).free
 
 
-def _reserve(file):
-    """Reserve the file's blocks (a full disk fails now, not mid-run). Where posix_fallocate does not
-    exist (macOS) or the filesystem does not support it, the file stays sparse: the caller checked
-    the free space before."""
-    with open(file, "r+b") as f:
-        try:
-            getattr(os, "posix_fallocate", lambda *_: None)(f.fileno(), 0, os.path.getsize(file))
-        except OSError as error:
-            if error.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
-                raise
-
-
 class LabelStore:
-    """Region-level soft labels of N images x M crops (layout: the module docstring). Arrays are opened
+    """Region-level soft labels of N images x M crops (layout: docs/fkd.md). Arrays are opened
     lazily and not pickled, so a store handed to DataLoader workers re-opens its memory maps in each."""
 
     def __init__(self, path, meta, writable=False):
@@ -246,10 +220,9 @@ class LabelStore:
 
     @classmethod
     def create(cls, path, meta, replace=False):
-        """Preallocate all arrays on disk (a full disk fails here, not mid-run), only in a new or empty
-        folder or (replace=True) over a store: a folder holding anything else is refused, never
-        overwritten. meta.json is written with state "allocating", then "ready" once every array
-        exists: the same command recognises an interrupted creation and makes it again."""
+        """Preallocate every array (a full disk fails here, not mid-run) in a new or empty folder, or over a
+        store with replace=True (a folder holding anything else is refused). meta.json says "allocating", then
+        "ready" once every array exists, so the same command makes an interrupted creation again."""
         if meta["codec"] not in CODECS:
             raise StoreError(f"unknown codec {meta['codec']!r}; choose one of {', '.join(CODECS)}")
         if os.path.exists(path) and not os.path.isdir(path):
@@ -278,7 +251,12 @@ class LabelStore:
             for name, (shape, dtype) in cls.array_specs(meta).items():
                 file = os.path.join(path, f"{name}.npy")
                 np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)  # header, sparse rows
-                _reserve(file)
+                with open(file, "r+b") as f:  # reserve the blocks; sparse where unsupported (macOS, some fs)
+                    try:
+                        getattr(os, "posix_fallocate", lambda *_: None)(f.fileno(), 0, os.path.getsize(file))
+                    except OSError as error:
+                        if error.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+                            raise
             _write_json_atomic(os.path.join(path, "meta.json"), dict(meta, state="ready"))
         except OSError as error:
             full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -338,9 +316,8 @@ class LabelStore:
                 try:
                     arrays[name] = array = np.load(file, mmap_mode="r", allow_pickle=False)
                 except (OSError, ValueError) as error:
-                    raise StoreError(f"label store array {file} is missing, truncated or not a "
-                                     f"plain .npy array ({error}); make the store again "
-                                     f"with --overwrite-labels") from None
+                    raise StoreError(f"label store array {file} is missing, truncated or not a plain .npy "
+                                     f"array ({error}); make the store again with --overwrite-labels") from None
                 if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
                     raise StoreError(f"label store array {file} has shape {array.shape} "
                                      f"{array.dtype}, expected {tuple(shape)} {dtype}; the store is "
@@ -359,8 +336,7 @@ class LabelStore:
                  _comparable(key, self.meta.get(key)) != _comparable(key, expected[key]))]
 
     def check_matches(self, expected, advice=None):
-        """Refuse a store made for other images, classes, teachers, crops, seed, codec, K,
-        temperature or probs/logits: one sentence naming each field that differs."""
+        """Refuse a store whose identity differs from `expected`: one sentence naming each field that does."""
         diffs = self.differences(expected)
         if diffs:
             advice = advice or ("pass the flags it was made with, another --labels folder, or "
@@ -379,9 +355,8 @@ class LabelStore:
             return int(np.frombuffer(f.read(self.meta["num_images"]), dtype=np.uint8).astype(bool).sum())
 
     def wait_until_complete(self, poll_seconds=2.0):
-        """Block until every image is marked done (other ranks' shares): a poll, not a collective, so
-        ranks that finish hours apart are not killed by a collective's timeout. A rank that failed
-        leaves its sentence in failure_marker(path): then every waiting rank stops with it."""
+        """Poll (no collective: ranks may finish hours apart) until every image is done; a failed rank's
+        sentence in failure_marker(path) stops every waiting rank with it."""
         while self.done_count() < self.meta["num_images"]:
             if os.path.exists(failure_marker(self.path)):
                 with open(failure_marker(self.path)) as f:
@@ -389,23 +364,21 @@ class LabelStore:
             time.sleep(poll_seconds)
 
     def check_image_sizes(self, samples, limit=None):
-        """Refuse images whose (width, height) changed since labelling (PIL header reads, no decode).
-        `limit`: check only when there are at most this many images (the dataset checks each image
-        lazily anyway, when it is loaded)."""
+        """Refuse images whose (width, height) changed since labelling (PIL header reads, no decode); skipped
+        above `limit` images (the dataset checks each image anyway, when it is loaded)."""
         if limit is not None and len(samples) > limit:
             return False
-        sizes = np.asarray(self.arrays["sizes"])
         for n, (path, _) in enumerate(samples):
             try:
                 with Image.open(path) as image:
                     size = image.size
             except OSError:
                 continue  # unreadable images are reported, with their path, where they are loaded
-            self.check_size(n, path, size, sizes[n])
+            self.check_size(n, path, size)
         return True
 
-    def check_size(self, n, path, size, stored=None):
-        stored = self.arrays["sizes"][n] if stored is None else stored
+    def check_size(self, n, path, size):
+        stored = self.arrays["sizes"][n]
         if tuple(int(v) for v in stored) != tuple(size):
             raise StoreError(f"image {path} is {size[0]}x{size[1]} px but was {int(stored[0])}x"
                              f"{int(stored[1])} when its labels in {self.path} were made; restore the "
@@ -417,10 +390,9 @@ class LabelStore:
         return self.arrays["done"]
 
     def _fd(self, name):
-        """Writers use pwrite at byte offsets instead of writable memory maps: each process writes
-        only its own bytes (no page written back whole), and an I/O error is an exception, not a
-        SIGBUS. Two ranks' rows (and done flags) can meet inside one page: across nodes that needs
-        a filesystem that merges byte-range writes (NFS, Lustre, GPFS do; docs/reliability.md)."""
+        """pwrite at byte offsets, not a writable memory map: each process writes only its own bytes (no page
+        written back whole), an I/O error is an exception, not a SIGBUS. Two ranks' rows and done flags can
+        share a page: across nodes that needs a filesystem merging byte-range writes (NFS, Lustre, GPFS)."""
         if not self.writable:
             raise StoreError(f"label store {self.path} was opened read-only")
         fds = self.__dict__.setdefault("_fds", {})
@@ -434,8 +406,7 @@ class LabelStore:
         os.pwrite(self._fd(name), np.ascontiguousarray(rows, dtype=array.dtype).tobytes(), at)
 
     def write(self, image_index, crop_slice, boxes, flips, indices, values, size):
-        """Rows of crops `crop_slice` of one image whose (width, height) is `size` (visible to
-        readers after mark_done)."""
+        """Rows of crops `crop_slice` of one image of (width, height) `size`; readers see them after mark_done."""
         if max(size) > 65535:
             raise StoreError(f"image {image_index} is larger than 65535 pixels on a side; "
                              f"downscale it (crop boxes are stored as uint16)")
@@ -488,21 +459,19 @@ def open_for_generation(path, meta, overwrite=False):
                          f"pass another --labels folder to generate labels")
     diffs = store.differences(meta)
     if diffs and not store.complete and {key for key, _, _ in diffs} <= set(IMAGE_FIELDS):
-        raise StoreError(f"label store {path} is incomplete ({store.done_count()} of "
-                         f"{store.meta['num_images']} images labelled) and was started for other images "
-                         f"({_diff_text(diffs)}): the training images changed since that run (an image "
-                         f"added or removed); rerun with --overwrite-labels to label the current images "
-                         f"from the start")
+        raise StoreError(f"label store {path} is incomplete ({store.done_count()} of {store.meta['num_images']} "
+                         f"images labelled) and was started for other images ({_diff_text(diffs)}): the "
+                         f"training images changed since that run (an image added or removed); rerun with "
+                         f"--overwrite-labels to label the current images from the start")
     store.check_matches(meta)
     return store
 
 
 # --- Reading a store for training (FKD phase 2, Fast MEAL V2) ------------------------------------
 def crop_schedule(seed, image_index, stored, start, count):
-    """Which stored crops an image uses at stream positions start .. start+count-1: a per-image
-    permutation of the M stored crops, consumed `count` at a time, so no crop repeats until all M
-    were used (the paper's "shuffling and non-overlapping sampling"; the official code drew at random
-    each pass). After M positions a fresh permutation starts."""
+    """Stored crops an image uses at stream positions start .. start+count-1: a fresh per-image permutation
+    of the M crops every M positions, so none repeats until all M were used (the paper's "shuffling and
+    non-overlapping sampling"; the official code drew at random each pass)."""
     positions = range(start, start + count)
     perms = {cycle: np.random.default_rng([seed, image_index, 1, cycle]).permutation(stored)
              for cycle in {p // stored for p in positions}}
@@ -510,8 +479,7 @@ def crop_schedule(seed, image_index, stored, start, count):
 
 
 def decode_stored_batch(indices, values, meta, device, logits_temperature=None):
-    """Dense soft labels [B * m, D] on `device` for a collated StoredCrops batch ([B, m, ...] rows;
-    an empty tensor stands for an array the codec does not store)."""
+    """Dense soft labels [B * m, D] on `device` of a collated StoredCrops batch (empty tensor: not stored)."""
     indices = indices.to(device, non_blocking=True).flatten(0, 1) if indices.numel() else None
     values = values.to(device, non_blocking=True).flatten(0, 1) if values.numel() else None
     width = meta.get("label_dim") or meta["num_classes"]
@@ -519,12 +487,10 @@ def decode_stored_batch(indices, values, meta, device, logits_temperature=None):
 
 
 class StoredCrops(Dataset):
-    """Item (image n, stream position) -> m stored crops replayed at the student's size + label rows.
-
-    Use with common.data.TaggedSampler(sampler) and `sampler.set_epoch(epoch, position)` (position:
-    crops per image consumed so far). `augment(crops, generator)`: an optional random op on the
-    replayed uint8 crops (e.g. colour jitter), drawn from a generator seeded by (seed, n, position),
-    so it never depends on workers or restarts. An image resized since labelling is refused."""
+    """Item (image n, stream position) -> m stored crops replayed at the student's size + label rows. Use
+    with TaggedSampler and `sampler.set_epoch(epoch, position)` (crops per image consumed so far).
+    `augment(crops, generator)`: an optional random op on the uint8 crops (e.g. colour jitter), seeded by
+    (seed, n, position), so never by workers or restarts. An image resized since labelling is refused."""
 
     def __init__(self, samples, store, m, size, interpolation, seed, augment=None):
         self.samples, self.store, self.m, self.size, self.interp = samples, store, m, size, interpolation
@@ -542,14 +508,12 @@ class StoredCrops(Dataset):
         crops = replay_crops(image, boxes, flips, self.size, self.interp)  # exact replay of the crop
         if self.augment is not None:
             crops = self.augment(crops, torch.Generator().manual_seed(derive_seed(self.seed, n, 2, start)))
-        empty = torch.zeros(0)
-        return (crops, torch.from_numpy(indices) if indices is not None else empty,
-                torch.from_numpy(values) if values is not None else empty, self.samples[n][1])
+        rows = (torch.zeros(0) if a is None else torch.from_numpy(a) for a in (indices, values))
+        return (crops, *rows, self.samples[n][1])
 
 
 def default_store_path(tag, root, args, teachers, label_dim, precision="float32"):
-    """runs/fkd_labels/<data>-<hash of the data folder and the label settings>: one store per data
-    set and label settings, shared by every run that uses them."""
+    """runs/fkd_labels/<data>-<hash of the data folder and label settings>, shared by every run using both."""
     settings = {"data_root": os.path.abspath(root), **_settings(
         teachers, args.codec, args.k, args.stored_crops, args.crop_scale, args.crop_ratio, args.temperature,
         args.stores, args.seed, label_dim)}
@@ -568,8 +532,7 @@ def describe_store(path, meta=None, store=None):
 
 
 def lock_store(path, log=print):
-    """Hold .NAME.lock beside the store while generating into it: two runs sharing a (default) store
-    never create or write it at the same time."""
+    """Hold .NAME.lock beside the store while generating: two runs never create or write one store at once."""
     from .ckpt import hold_lock
     parent, name = os.path.split(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -596,9 +559,8 @@ def check_for_training(store, args, explicit, train_set, teachers, label_dim, si
                                  f"used as released")
         args.codec, args.k = store.meta["codec"], store.meta["k"]
         expected = dict(image_identity(train_set), stores="probs")
-        store.check_matches({k: v for k, v in expected.items() if k in store.meta},
-                            advice="the imported labels are for other images; import them for these "
-                                   "with --mode import")
+        store.check_matches({k: v for k, v in expected.items() if k in store.meta}, advice="the imported "
+                            "labels are for other images; import them for these with --mode import")
         log(f"training on imported labels from {store.meta['imported'].get('source')} "
             f"({store.meta['imported'].get('label_type')}, {store.meta['num_crops']} crops per image)")
     else:
@@ -677,9 +639,8 @@ def show_labels(store, train_set, path, temperature, num_images=6, crops_per_ima
         image, y = load_rgb(image_path), row * (cell + caption)
         boxes, flips, indices, values = store.read(int(n), np.arange(crops_per_image))
         crops = replay_crops(image, boxes, flips, size)
-        probs = decode(None if indices is None else torch.from_numpy(indices),
-                       None if values is None else torch.from_numpy(values), store.meta["codec"], width,
-                       temperature if store.meta["stores"] == "logits" else None)
+        probs = decode(*(None if a is None else torch.from_numpy(a) for a in (indices, values)),
+                       store.meta["codec"], width, temperature if store.meta["stores"] == "logits" else None)
         scale = size / max(image.size)
         canvas.paste(image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale)))),
                      (4, y + 4))

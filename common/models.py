@@ -1,15 +1,7 @@
-"""Students and teachers by timm name; weights from a timm pretrained tag or a local file.
-
-A model spec is `NAME` (timm's pretrained weights, needs the hub or its cache) or `NAME=PATH`
-(a local file, no network): a plain state_dict, a timm/torchvision checkpoint, or a checkpoint of
-ours (which also records the data config the model was trained with). Files are read with
-torch.load(weights_only=True), so a file that needs pickle code to load is refused.
-
-A spec may end with the data config the weights expect, as a query:
-`NAME=PATH?input_size=32&interpolation=bicubic&mean=0.5,0.5,0.5&std=0.25,0.25,0.25&crop_pct=1`
-(any subset of these keys). Precedence: the spec's query, then the config stored in our
-checkpoints, then timm's default for the architecture; extra["data_config_source"] says which.
-"""
+"""Students and teachers by timm name. A spec (docs/conventions.md) is `NAME` (timm's pretrained weights) or
+`NAME=PATH` (a state_dict, timm/torchvision checkpoint or one of ours, read with torch.load(weights_only=True)),
+optionally with the data config its weights expect (`?input_size=32&interpolation=bicubic&...`). Precedence: the
+query, then the config our checkpoints record, then timm's default; extra["data_config_source"] says which."""
 import contextlib
 import hashlib
 import math
@@ -63,8 +55,7 @@ def spec_data_config(spec):
     for item in filter(None, split_query(spec)[1].split("&")):
         key, _, text = (part.strip() for part in item.partition("="))
         if key not in DATA_CONFIG_KEYS:
-            raise ModelError(f"unknown data-config key {key!r} in {spec!r}; use "
-                             f"{', '.join(DATA_CONFIG_KEYS)}")
+            raise ModelError(f"unknown data-config key {key!r} in {spec!r}; use {', '.join(DATA_CONFIG_KEYS)}")
         if key == "input_size":
             if not text.isdigit() or int(text) < 1:
                 raise ModelError(f"input_size={text} in {spec!r} must be a whole number of pixels >= 1")
@@ -167,21 +158,15 @@ def state_dict_of(checkpoint):
 
 
 def create(spec, num_classes, pretrained_head="keep", adapt=None, **kwargs):
-    """Build a timm model from a spec and load its weights.
-
-    pretrained_head: "keep" - the weights must already predict `num_classes` (teachers);
-                     "reset" - a new classifier for `num_classes` if the counts differ (students);
-                     "none"  - random init, `spec` must not name weights.
-    adapt: optional callable model -> model applied right after creation, before weights are
-           loaded (e.g. frskd.py's CIFAR stem), so a local file saved from the adapted model fits.
-    Returns (model, extra) where extra = {"data_config": ..., "sha256": ..., "source": ...}.
-    """
+    """(timm model of `spec` with weights, extra: name, source, sha256, data_config[_source]). pretrained_head
+    "keep": the weights must predict `num_classes` (teachers); "reset": a new classifier if the counts differ
+    (students); "none": random init, `spec` must not name weights. adapt: model -> model applied before the
+    weights load (e.g. frskd.py's CIFAR stem), so a local file saved from the adapted model fits."""
     name, path = parse_spec(spec)
     query_config = spec_data_config(spec)
     if name not in timm.list_models(pretrained=False) and not timm.is_model(name.split(".")[0]):
         raise ModelError(f"unknown timm model {name!r}; see timm.list_models()")
-    extra = {"name": name, "source": path or name, "sha256": None, "data_config": None,
-             "data_config_source": None}
+    extra = dict(name=name, source=path or name, sha256=None, data_config=None, data_config_source=None)
     try:
         if pretrained_head == "none":
             model = timm.create_model(name, num_classes=num_classes, **kwargs)
@@ -225,7 +210,11 @@ def create(spec, num_classes, pretrained_head="keep", adapt=None, **kwargs):
             raise ModelError(f"{name} predicts {model.num_classes} classes but the data has "
                              f"{num_classes} class folders; use a model trained on these classes")
     if extra["data_config"] is None:
-        extra.update(data_config=data_config_of(model), data_config_source=f"timm's default for {name}")
+        cfg = resolve_model_data_config(model)
+        extra.update(data_config_source=f"timm's default for {name}", data_config={
+            "input_size": int(cfg["input_size"][-1]), "interpolation": cfg["interpolation"],
+            "mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
+            "crop_pct": float(cfg.get("crop_pct", 0.875))})
     if query_config:
         extra.update(data_config={**extra["data_config"], **query_config}, data_config_source=(
             f"the spec ({', '.join(query_config)}) over {extra['data_config_source']}"))
@@ -233,24 +222,11 @@ def create(spec, num_classes, pretrained_head="keep", adapt=None, **kwargs):
     return model, extra
 
 
-def data_config_of(model):
-    """Input size, interpolation, mean, std and crop_pct of a timm model."""
-    cfg = resolve_model_data_config(model)
-    return {"input_size": int(cfg["input_size"][-1]), "interpolation": cfg["interpolation"],
-            "mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
-            "crop_pct": float(cfg.get("crop_pct", 0.875))}
-
-
 def load_teachers(specs, num_classes, device):
     """Teachers in eval mode with their own data configs; gradients off."""
-    teachers = []
-    for spec in specs:
-        model, extra = create(spec, num_classes, pretrained_head="keep")
-        model.eval().requires_grad_(False).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        teachers.append((model, extra))
-    return teachers
+    layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    return [(model.eval().requires_grad_(False).to(device, memory_format=layout), extra)
+            for model, extra in (create(spec, num_classes, pretrained_head="keep") for spec in specs)]
 
 
 _norm_cache = {}  # (mean, std, device) -> (mean*255, std*255) tensors: no host-to-device copy per step
@@ -293,15 +269,11 @@ def make_optimizer(name, groups, lr, momentum=0.9, nesterov=False):
 
 @torch.no_grad()
 def teacher_logits(teachers, views_per_teacher, autocast=None):
-    """Each teacher's outputs z (fp32) on the same crops; views_per_teacher[t] holds the crops resized
-    for teacher t (uint8 NCHW on the device), normalized here with teacher t's mean and std.
-    `autocast`: the run's autocast context (`ctx.autocast(args)`: --amp and --amp-dtype), or None."""
-    outputs = []
-    for (teacher, extra), images in zip(teachers, views_per_teacher):
-        cfg = extra["data_config"]
-        with autocast if autocast is not None else contextlib.nullcontext():
-            outputs.append(teacher(normalize(images, cfg["mean"], cfg["std"])).float())
-    return outputs
+    """Each teacher's outputs z (fp32) on the same crops: views_per_teacher[t], uint8 NCHW at teacher t's size,
+    normalized here with its mean and std. `autocast`: the run's (`ctx.autocast(args)`), or None."""
+    with autocast if autocast is not None else contextlib.nullcontext():
+        return [teacher(normalize(images, extra["data_config"]["mean"], extra["data_config"]["std"])).float()
+                for (teacher, extra), images in zip(teachers, views_per_teacher)]
 
 
 def ensemble_probs(logits_per_teacher, temperature=1.0):

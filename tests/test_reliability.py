@@ -474,6 +474,20 @@ def test_a_killed_checkpoint_write_leaves_no_temporary_file(name, tiny_data, tin
     assert not [f for f in os.listdir(out) if ".tmp" in f] and (out / "last.pth").exists()
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_resume_auto_of_a_finished_run_does_nothing_and_keeps_its_summary(name, tiny_data, tiny_teacher, tmp_path,
+                                                                         monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert run_main(name, tiny_argv(name, tiny_data, tiny_teacher, out, "--epochs", "1")) == 0
+    summary = (out / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert run_main(name, tiny_argv(name, tiny_data, tiny_teacher, out, "--epochs", "1", "--resume", "auto")) == 0
+    assert (f"{out} already holds a finished run of 1 epochs; nothing to do (its results are in "
+            f"{out / 'summary.json'})") in capsys.readouterr().out
+    assert (out / "summary.json").read_bytes() == summary
+
+
 IGNORED = [  # (script, extra flags, words of the sentence): a typed flag is honoured or refused
     ("fkd", ["--stored-crops", "6"], ["--stored-crops 6 differs from the 4 crops stored per image"]),
     ("bake", ["--baseline", "--per-class", "3", "--lam", "0.5"], ["--lam --per-class has no effect with --baseline"]),
