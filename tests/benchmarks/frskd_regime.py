@@ -208,6 +208,11 @@ def report(args):
             cells = " ".join(f"{e + 1}:{np.mean([v[0] for v in rows[e]]):.2f}|{np.mean([v[1] for v in rows[e]]):.2f}|"
                              f"{np.mean([v[2] for v in rows[e]]):.2f}" for e in sorted(rows))
             print(f"  {regime} {name}: {cells}")
+            for phase, epochs in (("lr 0.1, epochs 1-8", range(8)), ("epochs 9-16", range(8, 16))):
+                values = np.array([v for e in epochs for v in rows.get(e, [])])
+                if len(values):
+                    print(f"    {phase}: alpha L_KD {values[:, 0].mean():.2f}x, beta L_F {values[:, 1].mean():.2f}x, "
+                          f"CE(t) {values[:, 2].mean():.2f}x the classifier CE's gradient norm")
 
 
 def main():

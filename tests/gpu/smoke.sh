@@ -121,7 +121,7 @@ plan() {  # plan METHOD: M = (script epochs flags...) of that method's demo runs
         bake) M=(bake.py 2) ;;
         meal_v2) M=(meal_v2.py 2 --lr-drop-epoch 1) ;;
         fast_meal_v2) M=(meal_v2.py 3 --labels "$RUNS/labels/meal_v2" --num-crops 2 --lr-drop-epoch 2) ;;
-        frskd) M=(frskd.py 2 --milestones 1) ;;
+        frskd) M=(frskd.py 2 --milestones 1 --warmup-epochs 1) ;;
         frskd_seg) M=(frskd.py 2 --task segmentation --warmup-epochs 1 --milestones 1) ;;
     esac
 }
