@@ -130,12 +130,16 @@ def meal_plan():
 
 
 def frskd_plan():
-    classifier, teacher, baseline = "FRSKD classifier", "FRSKD self-teacher", "baseline (plain CE)"
+    classifier, teacher = "FRSKD classifier (demo: warm-up)", "FRSKD self-teacher (demo: warm-up)"
+    official, baseline = "FRSKD classifier, official default (no warm-up)", "baseline (plain CE)"
     runs = [Run("frskd", "frskd.py", lambda env: [],  # the demo also trains the baseline
                 {classifier: (("frskd",), "val_top1"),
                  teacher: (("frskd",), "val_self_teacher_top1"),
-                 baseline: (("baseline",), "val_top1")})]
-    return runs, [Comparison(classifier, baseline, "classifier, epochs, steps, lr schedule"),
+                 baseline: (("baseline",), "val_top1")}),
+            Run("frskd_official", "frskd.py", lambda env: ["--warmup-epochs", "0"],
+                {official: (("frskd",), "val_top1")})]
+    same = "classifier, epochs, steps, lr schedule"
+    return runs, [Comparison(classifier, baseline, same), Comparison(official, baseline, same),
                   Comparison(teacher, baseline, "epochs (the self-teacher is an extra network)")]
 
 
