@@ -62,16 +62,16 @@ def soft_cross_entropy(logits, targets, temperature=1.0):
 
 
 def pass_plan(epochs, m, warmup_epochs=0):
-    """[(first epoch, crops per image, epochs covered)] of the official loops (Sec. 3.3): a pass of
+    """(first epoch, crops per image, epochs covered) of each pass of the official loops (Sec. 3.3): a pass of
     m crops per image = m epochs at one lr (the "serrated" cosine); warmup epochs one crop each
     first (train_ViT_FKD.py); from the first pass that would start at or after `epochs - m`, one
-    crop per epoch (both loops): the last m epochs, or the last 3 with 5 warmup epochs and m = 4."""
-    plan, epoch = [], 0
+    crop per epoch (both loops): the last m epochs, or the last 3 with 5 warmup epochs and m = 4.
+    A generator: any --epochs costs no memory."""
+    epoch = 0
     while epoch < epochs:
         single = epoch < warmup_epochs or epoch >= epochs - m
-        plan.append((epoch, 1, 1) if single else (epoch, m, m))
+        yield (epoch, 1, 1) if single else (epoch, m, m)
         epoch += 1 if single else m
-    return plan
 
 
 @torch.no_grad()

@@ -189,15 +189,16 @@ def batch_targets(crops, views, stored, labels, teachers, num_classes, args, ctx
 
 
 def pass_plan(epochs, m, drops):
-    """[(first epoch, crops per image)]: with --labels a pass of m stored crops per image is m epochs (official
-    FKD_train.py: `for epoch in range(0, epochs, m)`); no pass crosses an lr drop (`drops`: one or a list) or
-    the end (each logged epoch is one): the epochs left before either run one crop per image, as FKD's tail."""
-    plan, epoch, drops = [], 0, [drops] if isinstance(drops, int) else drops
+    """(first epoch, crops per image) of each pass, generated: with --labels a pass of m stored crops per
+    image is m epochs (official FKD_train.py: `for epoch in range(0, epochs, m)`); no pass crosses an lr
+    drop (`drops`: one or a list) or the end (each logged epoch is one epoch): the epochs left before
+    either run one crop per image, as FKD's tail."""
+    epoch, drops = 0, [drops] if isinstance(drops, int) else drops
     for end in sorted({min(drop, epochs) for drop in drops} | {epochs}):
         while epoch < end:
-            plan.append((epoch, m if epoch + m <= end else 1))
-            epoch += plan[-1][1]
-    return plan
+            crops = m if epoch + m <= end else 1
+            yield epoch, crops
+            epoch += crops
 
 
 def clock(cuda):

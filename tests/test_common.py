@@ -541,10 +541,10 @@ def test_gpu_smoke_dry_run_commands_parse_and_cover_every_method_and_precision(t
             + (f" --mode {args.mode}" if file == "fkd.py" and args.mode != "fkd" else "")
         assert args.data == "demo" and (args.epochs <= 3 or route == "fkd --mode label"), shlex.join(argv)
         if route == "fkd":  # multi-crop passes: pass_plan gives a pass of num_crops > 1
-            plan = modules[file].pass_plan(args.epochs, args.num_crops, args.warmup_epochs)
+            plan = list(modules[file].pass_plan(args.epochs, args.num_crops, args.warmup_epochs))
             assert any(m > 1 for _, m, _ in plan), f"{shlex.join(argv)}: passes {plan}"
         if route == "meal_v2 --labels":
-            plan = modules[file].pass_plan(args.epochs, args.num_crops, args.lr_drop_epoch)
+            plan = list(modules[file].pass_plan(args.epochs, args.num_crops, args.lr_drop_epoch))
             assert any(m > 1 for _, m in plan), f"{shlex.join(argv)}: passes {plan}"
         variants = {"fp16": args.amp and args.amp_dtype == "float16", "compile": args.compile,
                     "bf16": args.amp and args.amp_dtype == "bfloat16"}

@@ -26,11 +26,12 @@ def test_crop_schedule_is_non_overlapping_until_all_used():
 
 def test_pass_plan_matches_official_loop():
     # official: for epoch in range(0, 300, 4) with the last 4 epochs run one crop per image
-    plan = fkd.pass_plan(300, 4)
+    plan = list(fkd.pass_plan(300, 4))
     assert plan[0] == (0, 4, 4) and plan[-5] == (292, 4, 4)
     assert plan[-4:] == [(296, 1, 1), (297, 1, 1), (298, 1, 1), (299, 1, 1)]
     assert sum(covered for _, _, covered in plan) == 300
-    assert fkd.pass_plan(3, 1) == [(0, 1, 1), (1, 1, 1), (2, 1, 1)]
+    assert list(fkd.pass_plan(3, 1)) == [(0, 1, 1), (1, 1, 1), (2, 1, 1)]
+    assert next(fkd.pass_plan(10**9, 4)) == (0, 4, 4)  # --epochs 1e9: a generator, no plan in memory
 
 
 def test_soft_cross_entropy_equals_hand_computed():
@@ -99,7 +100,7 @@ def official_loop(epochs, m, warmup):
 
 def test_pass_plan_with_warmup_matches_the_official_loops():
     for epochs, m, warmup in ((300, 4, 5), (300, 4, 0), (10, 3, 2), (7, 4, 0), (5, 2, 5)):
-        assert fkd.pass_plan(epochs, m, warmup) == official_loop(epochs, m, warmup)
+        assert list(fkd.pass_plan(epochs, m, warmup)) == official_loop(epochs, m, warmup)
 
 
 def test_recipes_are_labelled_with_their_table_numbers():

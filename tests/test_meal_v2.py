@@ -269,10 +269,11 @@ def test_student_side_goes_through_the_store_codec():
 
 
 def test_pass_plan_keeps_drop_and_end_on_logged_epochs():
-    assert meal_v2.pass_plan(180, 4, 100) == [(e, 4) for e in range(0, 180, 4)]  # the paper's: whole passes
-    assert meal_v2.pass_plan(10, 4, 6) == [(0, 4), (4, 1), (5, 1), (6, 4)]  # single-crop passes before the drop
-    assert meal_v2.pass_plan(7, 4, 100) == [(0, 4), (4, 1), (5, 1), (6, 1)]  # and before the end
-    assert meal_v2.pass_plan(3, 1, 101) == [(0, 1), (1, 1), (2, 1)]  # online: one epoch per pass
+    assert list(meal_v2.pass_plan(180, 4, 100)) == [(e, 4) for e in range(0, 180, 4)]  # the paper's: whole passes
+    assert list(meal_v2.pass_plan(10, 4, 6)) == [(0, 4), (4, 1), (5, 1), (6, 4)]  # single-crop passes before the drop
+    assert list(meal_v2.pass_plan(7, 4, 100)) == [(0, 4), (4, 1), (5, 1), (6, 1)]  # and before the end
+    assert list(meal_v2.pass_plan(3, 1, 101)) == [(0, 1), (1, 1), (2, 1)]  # online: one epoch per pass
+    assert next(meal_v2.pass_plan(10**9, 4, 101)) == (0, 4)  # --epochs 1e9: a generator, no plan in memory
 
 
 def test_cutmix_pastes_the_same_relative_box_into_every_view():
