@@ -28,7 +28,7 @@ import sys
 import torch
 
 from .dist import on_every_rank, uninterrupted
-from .models import ModelError, read_checkpoint
+from .models import ModelError, file_sha256, parse_spec, read_checkpoint
 
 INTERRUPTED = ("interrupted; run the same command with --resume auto to continue from the last "
                "completed epoch")
@@ -40,6 +40,7 @@ RESUMABLE_FLAGS = frozenset({
 })
 # Locations that may move between a run and its resume (the label store is checked by content).
 MOVABLE_FLAGS = frozenset({"labels"})
+WEIGHT_FLAGS = ("teacher",)  # weights files a run reads every epoch (online teachers): re-hashed at resume
 
 RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "summary.json")  # what a run writes in OUT
 RUN_NAME = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")
@@ -272,6 +273,13 @@ def changed_flags(saved, current):
             and not _same(saved[name], value)]
 
 
+def weight_hashes(args):
+    """{flag: [sha256 of each NAME=PATH file, None for a timm tag]} of the WEIGHT_FLAGS given."""
+    return {name: [file_sha256(file) if file and os.path.isfile(file) else None
+                   for _, file in map(parse_spec, getattr(args, name))]
+            for name in WEIGHT_FLAGS if getattr(args, name, None)}
+
+
 def check_resume(checkpoint, path, args, script):
     """Refuse a resume that would not continue the same run, in one sentence."""
     saved_script = checkpoint.get("script")
@@ -288,6 +296,11 @@ def check_resume(checkpoint, path, args, script):
         raise CheckpointError(f"{_flag(name)} {_shown(new)} differs from the checkpoint's {_shown(old)}{also}: "
                               f"resume with the checkpoint's flags, or start a new run (another --out, "
                               f"or --overwrite)")
+    for name, saved_hashes in (checkpoint.get("weight_sha256") or {}).items():
+        if weight_hashes(args).get(name, saved_hashes) != saved_hashes:
+            raise CheckpointError(f"{_flag(name)} {_shown(getattr(args, name))}: a weights file changed since "
+                                  f"{path} was written (its sha256 differs); restore the file the run started "
+                                  f"with, or start a new run (another --out, or --overwrite)")
 
 
 def load_into(obj, state, name, path):
@@ -447,7 +460,8 @@ class Checkpointer:
             return
         state = {name: (obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict())
                  for name, obj in self.objects.items()}
-        state.update(epoch=epoch, best_top1=best, args=vars(args), script=self.script, **meta)
+        state.update(epoch=epoch, best_top1=best, args=vars(args), script=self.script,
+                     weight_sha256=weight_hashes(args), **meta)
         save_atomic(state, os.path.join(self.out, "last.pth"))
         if top1 >= best:
             save_atomic({"model": state["model"], "epoch": epoch, **meta}, os.path.join(self.out, "best.pth"))

@@ -566,3 +566,20 @@ def test_sigterm_to_the_process_group_is_one_sentence_and_resumable(name, tiny_d
     _, err = job.communicate(timeout=120)
     assert job.returncode != 0 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("interrupted; run the same command with --resume auto"), err
+
+
+@pytest.mark.parametrize("name, extra", [("fkd", ["--mode", "online"]), ("meal_v2", [])])
+def test_a_teacher_file_changed_before_resume_is_refused(name, extra, tmp_path, monkeypatch):
+    """Online distillation reads its teachers every epoch: their weights files are hashed into each
+    checkpoint, and a resume with another file behind the same --teacher path is one sentence."""
+    from conftest import make_teacher
+    monkeypatch.chdir(tmp_path)
+    data, out = make_image_folder(tmp_path / "data"), tmp_path / "out"
+    teacher = make_teacher(tmp_path / "teacher.pth")
+    assert run_main(name, tiny_argv(name, data, teacher, out, *extra, "--epochs", "3", "--stop-epoch", "1")) == 0
+    assert run_main(name, tiny_argv(name, data, teacher, out, *extra, "--epochs", "3", "--stop-epoch", "2",
+                                    "--resume", "auto")) == 0  # the same file: resumes
+    assert [r["epoch"] for r in metrics(out)] == [1, 2]
+    make_teacher(tmp_path / "teacher.pth", seed=1)  # other weights, the same path
+    code = run_main(name, tiny_argv(name, data, teacher, out, *extra, "--epochs", "3", "--resume", "auto"))
+    assert_one_sentence(code, "a weights file changed since", "sha256 differs", "restore the file")
