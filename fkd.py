@@ -49,8 +49,8 @@ from common.dist import (EpochSums, epoch_generator, maybe_compile, on_every_ran
                          seeded, unwrap, wrap_ddp)
 from common.labels import (CODECS, LabelStore, StoreError, StoredCrops, check_for_training, decode_stored_batch,
                            default_store_path, describe_store, encode, failing_tells_the_others, failure_marker,
-                           label_identity, lock_store, open_for_generation, open_shared, show_labels,
-                           teacher_identity)
+                           content_digest, label_identity, lock_store, open_for_generation, open_shared,
+                           show_labels, teacher_identity)
 from common.models import (ModelError, create, describe_data_config, ensemble_probs, init_spec, load_teachers,
                            make_optimizer, normalize, param_groups, teacher_logits)
 
@@ -135,7 +135,9 @@ class CropsForTeachers(Dataset):
         part = slice(j * self.block, min((j + 1) * self.block, self.num_crops))
         boxes, flips = sample_crops(self.seed, n, image.width, image.height, part.stop, self.scale, self.ratio)
         views = [replay_crops(image, boxes[part], flips[part], size, interp) for size, interp in self.views]
-        return n, j, torch.from_numpy(boxes[part]), torch.from_numpy(flips[part]), views, torch.tensor(image.size)
+        digest = content_digest(self.samples[n][0]) if j == 0 else None  # the image's identity (its bytes)
+        return (n, j, torch.from_numpy(boxes[part]), torch.from_numpy(flips[part]), views, torch.tensor(image.size),
+                digest)
 
 
 def teacher_views(teachers):
@@ -156,12 +158,12 @@ def generate_labels(args, ctx, train_set, teachers, store):
               f"{len(teachers)} teacher(s), {ctx.world} process(es) -> {store.path}")
     start, pending, (autocast, _) = time.time(), [], ctx.teacher_autocast(args)
     with ctx.bar(total=len(mine), desc="labels", unit="img") as bar, failing_tells_the_others(store.path):
-        for n, j, boxes, flips, views, size in data:
+        for n, j, boxes, flips, views, size, digest in data:
             views = [v.to(ctx.device, non_blocking=True) for v in views]
             coded = label_crops(teachers, views, args.codec, args.k, args.temperature, args.stores, autocast)
             indices, values = (t if t is None else t.cpu().numpy() for t in coded)
             part = slice(j * args.label_batch, j * args.label_batch + len(boxes))
-            store.write(n, part, boxes.numpy(), flips.numpy(), indices, values, tuple(size.tolist()))
+            store.write(n, part, boxes.numpy(), flips.numpy(), indices, values, tuple(size.tolist()), digest)
             if j == blocks - 1:  # the image's last block: its rows are complete
                 pending.append(n)
                 bar.update(1)
@@ -300,6 +302,7 @@ def prepare_store(args, ctx, train_set, teachers, label_dim, precision):
                           args.crop_ratio, args.temperature, args.stores, args.seed, label_dim)
     if precision != "float32":  # recorded only when not the official fp32
         meta["teacher_precision"] = precision
+    meta["content_digests"] = True  # each image's file hash, checked at training start (not identity)
     if not LabelStore.is_store(args.labels) or args.overwrite_labels:
         ctx.print(describe_store(args.labels, meta))
     marker = failure_marker(args.labels)
@@ -424,6 +427,7 @@ FLAGS = [  # flag, kind (a common.flags parser checks the value), help[, argpars
     ("--out", str, "output folder (default: a fresh runs/fkd_<data>_<mode>/<time> per run)"),
     ("--labels", str, "label store (default: runs/fkd_labels/<data>-<hash of the label settings>)"),
     ("--overwrite-labels", "store_true", "make the label store again from the start"),
+    ("--verify-images", "store_true", "check every image's file hash against the store (default: 64 of them)"),
     ("--import-from", str, "--mode import: folder of the authors' released label files"),
     ("--import-layout", ["fkd", "meal"], "released tree: fkd (train/<class>/<name>.tar) or meal (one more "
      "folder level)", dict(default="fkd")),

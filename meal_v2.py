@@ -19,7 +19,7 @@ the student's softmax through the store's codec vs the stored p_e with --labels 
 --disc-rule cooperative (default, official): ONE SGD minimizes L_CE + L_D over student and
 discriminator, so the student also descends the discriminator's BCE, which slows its mimicking of
 the teachers (Sec. 6.3 / App. B); gan: not what the paper ran. --no-disc: Fig. 9's ablation;
---no-teachers: the hard-label CE control (docs/meal_v2.md has the recipes and schedules).
+--no-teachers: the hard-label CE control (docs/meal_v2.md: recipes, schedules, 380 px, released labels).
 
 Commands (--batch-size is global over all processes and counts crops; lr = 0.01 x batch / 512):
   CPU demo   python meal_v2.py --data demo                                       (online teachers)
@@ -35,7 +35,6 @@ Commands (--batch-size is global over all processes and counts crops; lr = 0.01 
                  --codec ms --k 5 --crop-scale 0.08 1 --teacher senet154.gluon_in1k \\
                  --teacher resnet152s.gluon_in1k --labels /data/meal_labels     (~7.4 GB on disk)
              torchrun --nproc_per_node=8 meal_v2.py --data /imagenet --labels /data/meal_labels --amp
-  (380 px and the authors' released labels: docs/meal_v2.md)
 """
 import argparse
 import contextlib
@@ -328,6 +327,7 @@ FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or
     ("--teacher", "append", "teacher NAME or NAME=PATH, repeated (the paper's gluon senet154 + resnet152s; "
      f"380 px: {' + '.join(TEACHERS_380)})"),
     ("--labels", str, "FKD label store of the same teachers: Fast MEAL V2 (no teacher runs)"),
+    ("--verify-images", "store_true", "check every image's file hash against --labels (default: 64 of them)"),
     ("--num-crops", flags.positive_int, "m, crops per image in a batch with --labels (2: FKD Table 4; demo 4)"),
     ("--no-disc", "store_true", "no discriminator (ablation, paper Fig. 9)"),
     ("--no-teachers", "store_true", "control: hard-label CE, same init, crops, optimizer, schedule"),
@@ -358,7 +358,7 @@ def parse_args(argv=None):
     flags.refuse_ignored(flags.given(p, argv), [
         (args.no_teachers, "--no-teachers (hard-label CE on fresh crops with the image labels: no "
          "discriminator, no label store)", ("labels", "d_lr", "disc_rule", "no_disc")),
-        (args.no_disc, "--no-disc", ("d_lr", "disc_rule"))])
+        (args.no_disc, "--no-disc", ("d_lr", "disc_rule")), (not args.labels, "no --labels", ["verify_images"])])
     flags.fill_from(args, PRESETS[recipe_of(args)], skip=("arch",))  # the student: see student_spec()
     args.lr = args.lr or args.base_lr * args.batch_size / 512
     return args
@@ -411,6 +411,7 @@ def open_store(args, train_set, teacher_specs, ctx):
         expected.update(temperature=1.0, crop_scale=MEAL_CROP_SCALE, teachers=teacher_identity(teacher_specs))
     store.check_matches(expected, advice="make a store for this run with fkd.py --mode label (commands "
                         "in meal_v2.py's header), or pass another --labels folder")
+    store.check_contents(train_set.samples, every=args.verify_images)  # images replaced since labelling
     if args.num_crops > store.meta["num_crops"] or not store.complete:
         raise StoreError(f"label store {args.labels} is incomplete or has fewer than --num-crops "
                          f"{args.num_crops} crops per image; finish it with fkd.py --mode label")

@@ -28,7 +28,8 @@ import sys
 import torch
 
 from .dist import on_every_rank, uninterrupted
-from .models import ModelError, file_sha256, parse_spec, read_checkpoint
+from .labels import teacher_identity
+from .models import ModelError, read_checkpoint
 
 INTERRUPTED = ("interrupted; run the same command with --resume auto to continue from the last "
                "completed epoch")
@@ -36,7 +37,7 @@ INTERRUPTED = ("interrupted; run the same command with --resume auto to continue
 # AMP and torch.compile change speed and rounding only, so a run saved without --amp may continue with it
 RESUMABLE_FLAGS = frozenset({
     "workers", "device", "stop_epoch", "resume", "overwrite", "out", "val_data", "eval_only",
-    "amp", "amp_dtype", "compile", "threads", "label_batch", "flush_every", "show_images",
+    "amp", "amp_dtype", "compile", "threads", "label_batch", "flush_every", "show_images", "verify_images",
 })
 # Locations that may move between a run and its resume (the label store is checked by content).
 MOVABLE_FLAGS = frozenset({"labels"})
@@ -274,10 +275,8 @@ def changed_flags(saved, current):
 
 
 def weight_hashes(args):
-    """{flag: [sha256 of each NAME=PATH file, None for a timm tag]} of the WEIGHT_FLAGS given."""
-    return {name: [file_sha256(file) if file and os.path.isfile(file) else None
-                   for _, file in map(parse_spec, getattr(args, name))]
-            for name in WEIGHT_FLAGS if getattr(args, name, None)}
+    """{flag: teacher_identity (names, sha256 of NAME=PATH files)} of each WEIGHT_FLAGS flag given."""
+    return {name: teacher_identity(getattr(args, name)) for name in WEIGHT_FLAGS if getattr(args, name, None)}
 
 
 def check_resume(checkpoint, path, args, script):

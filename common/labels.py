@@ -150,6 +150,12 @@ def _diff_text(diffs):
     return "; ".join(f"{key}: store {_shown(key, a)}, this run {_shown(key, b)}" for key, a, b in diffs)
 
 
+def content_digest(path):
+    """A 64-bit hash of a file's bytes (blake2b), never 0 (0 marks an image without one)."""
+    with open(path, "rb") as f:
+        return int.from_bytes(hashlib.blake2b(f.read(), digest_size=8).digest(), "little") or 1
+
+
 class StoreError(ValueError):
     """A label store that cannot be used as asked (missing, damaged or built for other data)."""
 
@@ -191,6 +197,8 @@ class LabelStore:
         width = {"full": meta.get("label_dim") or c, "ms": k, "mr": k}.get(meta["codec"], 1)
         specs = {"boxes": ((n, m, 4), "uint16"), "flips": ((n, m), "uint8"), "sizes": ((n, 2), "uint16"),
                  "done": ((n,), "uint8")}
+        if meta.get("content_digests"):  # stores made by fkd.py --mode label (not imported, not older ones)
+            specs["digests"] = ((n, 1), "uint64")
         if meta["codec"] != "full":
             specs["indices"] = ((n, m, width), "uint16" if c <= 65535 else "int32")
         if meta["codec"] != "hard":
@@ -235,7 +243,7 @@ class LabelStore:
             if not replace:
                 raise StoreError(f"--labels {path} already holds a label store; pass --overwrite-labels "
                                  f"to make it again")
-            names = {"meta.json", *(f"{a}.npy" for a in "boxes flips sizes done indices values".split())}
+            names = {"meta.json", *(f"{a}.npy" for a in "boxes flips sizes done indices values digests".split())}
             for name in os.listdir(path):  # delete the store's own files (meta, arrays, temporary files) only
                 if name in names or name.startswith("meta.json.tmp"):
                     os.remove(os.path.join(path, name))
@@ -377,6 +385,18 @@ class LabelStore:
             self.check_size(n, path, size)
         return True
 
+    def check_contents(self, samples, every=False, sample=64):
+        """Refuse images whose file changed since labelling (content_digest): all of them with `every`
+        (--verify-images) or in a set of up to 2,048, else `sample` spread over the set."""
+        if "digests" not in self.arrays:
+            return
+        spread = np.unique(np.linspace(0, len(samples) - 1, sample).astype(int))
+        for n in range(len(samples)) if every or len(samples) <= 2048 else spread:
+            path, stored = samples[n][0], int(self.arrays["digests"][n, 0])
+            if stored and os.path.isfile(path) and content_digest(path) != stored:
+                raise StoreError(f"image {path} changed since its labels in {self.path} were made (its content hash "
+                                 f"differs); restore it, or make the labels again with --overwrite-labels")
+
     def check_size(self, n, path, size):
         stored = self.arrays["sizes"][n]
         if tuple(int(v) for v in stored) != tuple(size):
@@ -405,12 +425,15 @@ class LabelStore:
         at = array.offset + image_index * array.strides[0] + (crop_slice.start or 0) * array.strides[1]
         os.pwrite(self._fd(name), np.ascontiguousarray(rows, dtype=array.dtype).tobytes(), at)
 
-    def write(self, image_index, crop_slice, boxes, flips, indices, values, size):
-        """Rows of crops `crop_slice` of one image of (width, height) `size`; readers see them after mark_done."""
+    def write(self, image_index, crop_slice, boxes, flips, indices, values, size, digest=None):
+        """Rows of crops `crop_slice` of one image of (width, height) `size` (and its content_digest);
+        readers see them after mark_done."""
         if max(size) > 65535:
             raise StoreError(f"image {image_index} is larger than 65535 pixels on a side; "
                              f"downscale it (crop boxes are stored as uint16)")
         self._pwrite("sizes", image_index, slice(0, 2), size)  # the image's one (width, height) row
+        if digest is not None and "digests" in self.arrays:
+            self._pwrite("digests", image_index, slice(0, 1), [digest])
         for name, rows in (("boxes", boxes), ("flips", flips), ("indices", indices), ("values", values)):
             if name in self.arrays:
                 self._pwrite(name, image_index, crop_slice, rows)
@@ -576,6 +599,7 @@ def check_for_training(store, args, explicit, train_set, teachers, label_dim, si
         raise StoreError(f"--num-crops {args.num_crops} exceeds the {store.meta['num_crops']} crops stored per "
                          f"image in {store.path}; lower --num-crops")
     store.check_image_sizes(train_set.samples, limit=size_check_limit)
+    store.check_contents(train_set.samples, every=args.verify_images)
 
 
 def failure_marker(path):

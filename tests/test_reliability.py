@@ -583,3 +583,21 @@ def test_a_teacher_file_changed_before_resume_is_refused(name, extra, tmp_path, 
     make_teacher(tmp_path / "teacher.pth", seed=1)  # other weights, the same path
     code = run_main(name, tiny_argv(name, data, teacher, out, *extra, "--epochs", "3", "--resume", "auto"))
     assert_one_sentence(code, "a weights file changed since", "sha256 differs", "restore the file")
+
+
+def test_images_swapped_after_labelling_are_refused_by_content(tiny_teacher, tmp_path, monkeypatch):
+    """The store records a hash of each image file while labelling: two same-size images whose
+    files were swapped since (their names, sizes and the image list unchanged) are refused."""
+    from common.labels import LabelStore
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data")
+    assert run_main("fkd", tiny_argv("fkd", data, tiny_teacher, tmp_path / "a", "--epochs", "1")) == 0
+    assert int(np.asarray(LabelStore.open(str(tmp_path / "a" / "labels")).arrays["digests"]).min()) > 0
+    folder = os.path.join(data, "train", sorted(os.listdir(os.path.join(data, "train")))[0])
+    first, second = (os.path.join(folder, name) for name in ("img_000.png", "img_003.png"))  # the same size
+    os.rename(first, first + ".x"), os.rename(second, first), os.rename(first + ".x", second)
+    code = run_main("fkd", tiny_argv("fkd", data, tiny_teacher, tmp_path / "b", "--epochs", "1", "--labels",
+                                     tmp_path / "a" / "labels", "--verify-images"))
+    assert_one_sentence(code, "img_000.png changed since its labels", "content hash differs", "--overwrite-labels")
+    code = run_main("meal_v2", ["--data", data, "--verify-images", "--teacher", tiny_teacher])
+    assert_one_sentence(code, "--verify-images has no effect with no --labels")
