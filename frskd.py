@@ -13,7 +13,7 @@ Equation map:
           T_i = Conv(w1 L'_i + w2 P_i + w3 Resize(T_{i-1}))  -> BiFPNLayer.forward (bottom-up;
                 L'_i: a second, separate lateral conv, as in the official code)
   Eq. 3   L_F = sum_i || phi(T_i) - phi(F_i) ||              -> attention_loss()
-  Eq. 4   L_KD = KL(softmax(c / K) || softmax(t / K))         -> frskd_loss() (official: K^2 KL(t || c))
+  Eq. 4   L_KD = KL(softmax(c / K) || softmax(t / K))         -> kd_loss() (official: K^2 KL(t || c))
   Eq. 5   L = CE(c) + CE(t) + alpha L_KD + beta L_F           -> frskd_loss()
 Segmentation (--task segmentation, Sec. 4.2): the last section, with its own equation map and commands.
 
@@ -176,16 +176,22 @@ def soft_cross_entropy(logits, targets):
     return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-def frskd_loss(logits, self_teacher_logits, features, refined, targets, alpha, beta, temperature):
-    """Eq. 5, the self-teacher's outputs detached in both distillation terms (they train the classifier
-    only); targets: probabilities [B, C]. -> (total, (ce_classifier, ce_self_teacher, kd, feature))"""
-    ce_classifier = soft_cross_entropy(logits, targets)
-    ce_self_teacher = soft_cross_entropy(self_teacher_logits, targets)
-    # Eq. 4 as official: K^2 KL(softmax(t/K) || softmax(c/K)), batch mean; the paper writes
-    # KL(softmax(c/K) || softmax(t/K)) without K^2
-    kd = F.kl_div(F.log_softmax(logits / temperature, dim=1),
-                  F.softmax(self_teacher_logits.detach() / temperature, dim=1),
-                  reduction="batchmean") * temperature ** 2
+def kd_loss(logits, self_teacher_logits, temperature):
+    """Eq. 4 as official (DistillKL): K^2 KL(softmax(t/K) || softmax(c/K)) summed over classes, mean over
+    samples (segmentation: pixels, / B H W); the paper writes KL(softmax(c/K) || softmax(t/K)) without K^2.
+    The self-teacher's logits are detached."""
+    kl = F.kl_div(F.log_softmax(logits / temperature, dim=1),
+                  F.softmax(self_teacher_logits.detach() / temperature, dim=1), reduction="sum")
+    return kl * temperature ** 2 / (logits.numel() // logits.shape[1])
+
+
+def frskd_loss(logits, self_teacher_logits, features, refined, targets, alpha, beta, temperature,
+               cross_entropy=soft_cross_entropy):
+    """Eq. 5, the self-teacher's outputs detached in both distillation terms (they train the classifier only).
+    targets: probabilities [B, C] (or masks) -> (total, (ce_classifier, ce_self_teacher, kd, feature))"""
+    ce_classifier = cross_entropy(logits, targets)
+    ce_self_teacher = cross_entropy(self_teacher_logits, targets)
+    kd = kd_loss(logits, self_teacher_logits, temperature)  # Eq. 4
     feature = attention_loss(features, refined)  # Eq. 3
     total = ce_classifier + ce_self_teacher + alpha * kd + beta * feature  # Eq. 5
     return total, (ce_classifier, ce_self_teacher, kd, feature)
@@ -225,9 +231,8 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(widths[-1], num_classes)
         self.stage_channels = widths
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):  # He normal, fan-out (official)
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if isinstance(module, nn.Conv2d):  # He normal, fan-out (official): fan_out = numel / in_channels
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 * module.in_channels / module.weight.numel()))
         nn.init.zeros_(self.fc.bias)
 
     def forward_stages(self, x):
@@ -291,10 +296,8 @@ class FRSKDNet(nn.Module):
 
     def forward(self, x):
         features, logits = self.classifier.forward_stages(x)
-        if self.self_teacher is None:
-            return features, logits, None, None
         # classifier features enter the self-teacher undetached: its CE also trains the backbone (official)
-        return features, logits, *self.self_teacher(features)
+        return features, logits, *((None, None) if self.self_teacher is None else self.self_teacher(features))
 
 
 class EvalHeads(nn.Module):
@@ -342,8 +345,7 @@ def training_step(net, optimizer, scaler, images, targets, args, alpha, beta, au
     if update:
         if args.clip_value:  # official segmentation: gradient value clipping 2.0
             scaler.unscale_(optimizer)
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            nn.utils.clip_grad_value_(params, args.clip_value)
+            nn.utils.clip_grad_value_(net.parameters(), args.clip_value)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -351,8 +353,7 @@ def training_step(net, optimizer, scaler, images, targets, args, alpha, beta, au
 
 
 def train(args, ctx, net, train_set, val_sets, num_classes, out, losses, ramp=None, **meta):
-    """The training loop of both tasks (ramp(epoch): segmentation's factor on alpha and beta).
-    Returns (the last epoch's metrics, the best score, seconds)."""
+    """Both tasks' loop; ramp(epoch): factor on alpha, beta. -> (last epoch's metrics, best score, seconds)"""
     seg, cuda = args.task == "segmentation", ctx.device.type == "cuda"
     accum, score = args.accum_steps or 1, "val_miou" if seg else "val_top1"
     net = net.to(ctx.device, memory_format=torch.channels_last if cuda else torch.preserve_format)
@@ -411,18 +412,16 @@ def train(args, ctx, net, train_set, val_sets, num_classes, out, losses, ramp=No
 
 
 def evaluate_sets(model, val_sets, ctx, args):
-    """On each evaluation set: the classifier's top-1/top-5 (segmentation: mIoU, pixel accuracy) and
-    the self-teacher's top-1 (mIoU), from the same forward."""
+    """Each set's classifier top-1/5 (segmentation: mIoU, pixel accuracy) and self-teacher top-1 (mIoU)."""
     seg, heads = args.task == "segmentation", 1 if model.self_teacher is None else 2
     score, keys = ("miou", ("miou", "pixel_acc")) if seg else ("top1", ("top1", "top5", "count"))
     metrics = {}
     for name, data in val_sets.items():
-        results = evaluate_segmentation(EvalHeads(model), data, ctx, args.mean, args.std,
-                                        args.num_classes, args, heads=heads, desc=name) if seg else \
+        results = evaluate_segmentation(EvalHeads(model), data, ctx, args.mean, args.std, args.num_classes,
+                                        args, heads=heads, desc=name) if seg else \
             evaluate(EvalHeads(model), data, ctx, args.mean, args.std, args, desc=name, heads=heads)
-        result, teacher = results if heads == 2 else (results, None)
-        if teacher is not None:
-            metrics[f"{name}_self_teacher_{score}"] = teacher[score]
+        result, *teacher = results if heads == 2 else (results,)
+        metrics.update({f"{name}_self_teacher_{score}": t[score] for t in teacher})
         metrics.update({f"{name}_{key}": result[key] for key in keys})
     return metrics
 
@@ -457,11 +456,10 @@ def prepare_classification(args, ctx):
 
 
 # --- Segmentation (paper Sec. 4.2, Table 4; Appendix, Implementation Details) ---------------------
-# The official segmentation/ code: the classifier network is an EfficientDet (EfficientNet + FPN +
-# 3 BiFPN layers), the self-teacher 2 more BiFPN layers on its outputs (width factor 1)
-#                                                                -> FRSKDSegNet, SegBiFPNLayer
+# The official segmentation/ code: the classifier network is an EfficientDet (EfficientNet + FPN + 3 BiFPN
+# layers), the self-teacher 2 more BiFPN layers on its outputs (width factor 1) -> FRSKDSegNet, SegBiFPNLayer
 #   Eq. 3 over the six levels of the two BiFPN stacks            -> frskd_seg_loss() (attention_loss)
-#   Eq. 4 per pixel: T^2 sum KL(t || c) / (B H W), T = 1         -> pixel_kd_loss()
+#   Eq. 4 per pixel: T^2 sum KL(t || c) / (B H W), T = 1         -> pixel_kd_loss() (= kd_loss)
 #   Eq. 5 with CE over labelled pixels (255 ignored); alpha, beta 0 for 40 epochs, then ramped up
 #                                                                -> frskd_seg_loss(), distillation_ramp()
 # Commands: those of the docstring with --task segmentation and --data demo, or a VOCdevkit (VOC2007 +
@@ -558,8 +556,7 @@ class SegBiFPNLayer(nn.Module):
         top_down = [None] * (n - 1) + [self.up_nodes[-1](inputs[-1])]
         for i in reversed(range(n - 1)):
             # official: nn.Upsample(scale_factor=W_i / W_{i+1}); the same wherever sizes halve exactly
-            up = F.interpolate(top_down[i + 1], size=inputs[i].shape[-2:], mode="bilinear",
-                               align_corners=False)
+            up = F.interpolate(top_down[i + 1], size=inputs[i].shape[-2:], mode="bilinear", align_corners=False)
             top_down[i] = self.up_nodes[i](inputs[i] + up)
         if self.down_nodes is None:
             return top_down
@@ -571,9 +568,8 @@ class SegBiFPNLayer(nn.Module):
 
 
 def segmentation_head(width, num_classes):
-    """Official head on the finest level: conv3x3(width -> 256) + BN + ReLU + conv3x3(256 -> classes)."""
-    return nn.Sequential(nn.Conv2d(width, 256, 3, padding=1), nn.BatchNorm2d(256, eps=1e-4, momentum=0.997),
-                         nn.ReLU(inplace=True), nn.Conv2d(256, num_classes, 3, padding=1))
+    """Official head on the finest level: Conv (3x3, width -> 256) + conv3x3(256 -> classes)."""
+    return nn.Sequential(*conv_bn_relu_det(width, 256, 3), nn.Conv2d(256, num_classes, 3, padding=1))
 
 
 class FRSKDSegNet(nn.Module):
@@ -589,14 +585,12 @@ class FRSKDSegNet(nn.Module):
         self.head = segmentation_head(width, num_classes)
         self.self_teacher = self.self_teacher_head = None  # official baseline: built and run, unused
         if self_teacher:
-            last = self_teacher_layers - 1
-            self.self_teacher = nn.Sequential(*[SegBiFPNLayer(width, top_down_only=k == last)
-                                                for k in range(self_teacher_layers)])
+            self.self_teacher = nn.Sequential(*[SegBiFPNLayer(width) for _ in range(self_teacher_layers - 1)],
+                                              SegBiFPNLayer(width, top_down_only=True))  # the official last one
             self.self_teacher_head = segmentation_head(width, num_classes)
 
     def forward(self, x):
-        upsampled = functools.partial(F.interpolate, size=x.shape[-2:], mode="bilinear",
-                                      align_corners=False)
+        upsampled = functools.partial(F.interpolate, size=x.shape[-2:], mode="bilinear", align_corners=False)
         features = self.bifpn(self.fpn(self.backbone(x)))
         logits = upsampled(self.head(features[0]))
         if self.self_teacher is None:
@@ -605,27 +599,10 @@ class FRSKDSegNet(nn.Module):
         return features, logits, refined, upsampled(self.self_teacher_head(refined[0]))
 
 
-def pixel_kd_loss(logits, self_teacher_logits, temperature):
-    """Eq. 4 per pixel (official DistillKL): KL(softmax(t/T) || softmax(c/T)) summed over classes and
-    pixels, x T^2, / (B H W); the self-teacher's maps are detached."""
-    batch, _, height, width = logits.shape
-    kl = F.kl_div(F.log_softmax(logits / temperature, dim=1),
-                  F.softmax(self_teacher_logits.detach() / temperature, dim=1), reduction="sum")
-    return kl * temperature ** 2 / (batch * height * width)
-
-
+pixel_kd_loss = kd_loss  # Eq. 4 per pixel: summed over classes and pixels, x T^2, / (B H W)
 seg_cross_entropy = functools.partial(F.cross_entropy, ignore_index=IGNORE_INDEX)  # labelled pixels
-
-
-def frskd_seg_loss(logits, self_teacher_logits, features, refined, masks, alpha, beta, temperature):
-    """Eq. 5 per pixel: CE(c) + CE(t) + alpha L_KD + beta L_F, L_F over the six levels of the two
-    BiFPN stacks. Returns the total and its four terms."""
-    ce_classifier = seg_cross_entropy(logits, masks)
-    ce_self_teacher = seg_cross_entropy(self_teacher_logits, masks)
-    kd = pixel_kd_loss(logits, self_teacher_logits, temperature)  # Eq. 4
-    feature = attention_loss(features, refined)  # Eq. 3, self-teacher side detached
-    total = ce_classifier + ce_self_teacher + alpha * kd + beta * feature  # Eq. 5
-    return total, (ce_classifier, ce_self_teacher, kd, feature)
+# Eq. 5 per pixel (masks as targets), L_F (Eq. 3) over the six levels of the two BiFPN stacks
+frskd_seg_loss = functools.partial(frskd_loss, cross_entropy=seg_cross_entropy)
 
 
 def distillation_ramp(epoch, warmup, epochs):
@@ -674,15 +651,13 @@ SEG_RECIPES = {  # merged into RECIPES; --task segmentation picks "seg", with --
     "seg": dict(arch="tf_efficientnet_b0", epochs=60, warmup_epochs=40, milestones=[40], batch_size=32,
                 accum_steps=2, lr=0.01, wd=5e-4, crop_size=512, num_classes=21, alpha=1.0, beta=50.0,
                 temperature=1.0, repeat=2, bifpn_layers=3, clip_value=2.0, workers=4, mean=IMAGENET_MEAN,
-                std=IMAGENET_STD),
-    # laptop-sized: 64 px scenes, a tiny EfficientNet from random init, 2/3 of the epochs warm-up as official
-    "seg_demo": dict(arch="test_efficientnet", init="none", epochs=10, warmup_epochs=7, milestones=[7],
-                     batch_size=8, accum_steps=1, lr=0.02, wd=5e-4, crop_size=demo.SEG_IMAGE_SIZE,
-                     num_classes=len(demo.SEG_CLASSES), alpha=1.0, beta=50.0, temperature=1.0, repeat=2,
-                     bifpn_layers=3, clip_value=2.0, workers=2, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-}
+                std=IMAGENET_STD)}
+# laptop-sized: 64 px scenes, a tiny EfficientNet from random init, 2/3 of the epochs warm-up as official
+SEG_RECIPES["seg_demo"] = dict(SEG_RECIPES["seg"], arch="test_efficientnet", init="none", epochs=10,
+                               warmup_epochs=7, milestones=[7], batch_size=8, accum_steps=1, lr=0.02,
+                               crop_size=demo.SEG_IMAGE_SIZE, num_classes=len(demo.SEG_CLASSES), workers=2)
 SEG_BIFPN_WIDTHS = {"efficientnet_b0": 64, "efficientnet_b1": 88, "efficientnet_b2": 112}  # official outc
-SEGMENTATION_ONLY = [  # declared as FLAGS below
+SEGMENTATION_ONLY = [  # declared as FLAGS below (TASK_ONLY)
     ("--init", str, "backbone weights: timm tag (default ARCH.aa_in1k for tf_efficientnet_b*), "
      "NAME=PATH, or 'none' (random init)"),
     ("--num-classes", flags.positive_int, "classes incl. background (VOC: 21)"),
@@ -693,40 +668,27 @@ SEGMENTATION_ONLY = [  # declared as FLAGS below
 ]
 
 
-def segmentation_args(args):
-    """Finish the flags of --task segmentation: the BiFPN width and the backbone's weights."""
-    name = args.arch.split(".")[0]
-    args.bifpn_channels = args.bifpn_channels or SEG_BIFPN_WIDTHS.get(name.removeprefix("tf_"), 64)
-    if args.init is None:  # ImageNet weights; timm's default B0 tag is trained on JFT
-        tf_b = name.startswith("tf_efficientnet_b") and "." not in args.arch
-        args.init = f"{name}.aa_in1k" if tf_b else args.arch
-    return args
-
-
 # --- Command line: recipes, flags, main -----------------------------------------------------------
+IMAGENET = dict(arch="resnet18", epochs=90, batch_size=256, milestones=[30, 60], alpha=1.0, beta=200.0,
+                input_size=224, crop_pct=0.875, augment="rrc", mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=8)
+# official Tiny-ImageNet loader: RandomResizedCrop(32) + flip, evaluation resized to 32
+TINY_IMAGENET = dict(arch="cifar_resnet18", epochs=200, batch_size=128, milestones=[100, 150], alpha=3.0,
+                     beta=100.0, input_size=32, crop_pct=1.0, augment="rrc", mean=[0.4802, 0.4481, 0.3975],
+                     std=[0.2770, 0.2691, 0.2821], workers=4)
 RECIPES = {  # the paper's Implementation details, with the official data pipelines (mean/std, augmentation)
-    "imagenet": dict(arch="resnet18", epochs=90, batch_size=256, milestones=[30, 60], alpha=1.0, beta=200.0,
-                     input_size=224, crop_pct=0.875, augment="rrc", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                     workers=8),
-    "cifar": dict(arch="cifar_resnet18", epochs=200, batch_size=128, milestones=[100, 150], alpha=2.0, beta=100.0,
-                  input_size=32, crop_pct=1.0, augment="pad_crop", mean=[0.4914, 0.4822, 0.4465],
-                  std=[0.2023, 0.1994, 0.2010], workers=4),
-    # official Tiny-ImageNet loader: RandomResizedCrop(32) + flip, evaluation resized to 32
-    "tinyimagenet": dict(arch="cifar_resnet18", epochs=200, batch_size=128, milestones=[100, 150], alpha=3.0,
-                         beta=100.0, input_size=32, crop_pct=1.0, augment="rrc", mean=[0.4802, 0.4481, 0.3975],
-                         std=[0.2770, 0.2691, 0.2821], workers=4),
+    "imagenet": IMAGENET,
+    "cifar": dict(TINY_IMAGENET, alpha=2.0, augment="pad_crop", mean=[0.4914, 0.4822, 0.4465],
+                  std=[0.2023, 0.1994, 0.2010]),
+    "tinyimagenet": TINY_IMAGENET,
     # fine-grained (CUB200, MIT67, Dogs, Stanford40): the standard ResNet-18 at 224, batch 32
-    "fgvr": dict(arch="resnet18", epochs=200, batch_size=32, milestones=[100, 150], alpha=1.0, beta=200.0,
-                 input_size=224, crop_pct=0.875, augment="rrc", mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=8),
+    "fgvr": dict(IMAGENET, epochs=200, batch_size=32, milestones=[100, 150]),
     # Tiny-ImageNet's for 2 CPU cores (WRN-16-1: its BiFPNc has Table 6's proportions), with a distillation
     # warm-up to the first lr drop, NOT official: 3 seeds +4.5 vs baseline, without it -12.1 (docs/frskd.md)
-    "demo": dict(arch="wrn16_1", epochs=16, batch_size=64, milestones=[8, 12], alpha=3.0, beta=100.0,
-                 warmup_epochs=8, input_size=32, crop_pct=1.0, augment="rrc", mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD, workers=2),
+    "demo": dict(TINY_IMAGENET, arch="wrn16_1", epochs=16, batch_size=64, milestones=[8, 12], warmup_epochs=8,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=2),
     **SEG_RECIPES,
 }
-FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or action, help[, extras];
-    # a flag of one task only is refused for the other unless at its default (parse_args)
+FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or action, help[, extras]
     ("--data", str, "ImageFolder root with train/ and val/, 'demo', or for segmentation a VOCdevkit or "
      "DIR/{train,val}/{images,masks}", dict(required=True)),
     ("--task", ["classification", "segmentation"], "(Sec. 4.2)", dict(default="classification")),
@@ -751,7 +713,7 @@ FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or
     ("--mean", flags.fraction, "per-channel normalization mean", dict(nargs=3)),
     ("--std", flags.positive_float, "per-channel normalization std", dict(nargs=3)),
 ]
-CLASSIFICATION_ONLY = [
+TASK_ONLY = {"classification": [  # a flag of one task only is refused for the other unless at its default
     ("--recipe", ["imagenet", "cifar", "tinyimagenet", "fgvr"], "imagenet if not given (demo: its own)"),
     ("--val-data", "append", "extra ImageFolder to evaluate on", dict(default=[])),
     ("--mixup", flags.nonneg_float, "mixup alpha (Table 8; 0 = off)", dict(default=0.0)),
@@ -759,13 +721,12 @@ CLASSIFICATION_ONLY = [
     ("--input-size", flags.positive_int, ""),
     ("--crop-pct", flags.open_fraction, "evaluation center crop"),
     ("--augment", ["rrc", "pad_crop"], "random-resized crop, or CIFAR pad-4 crop"),
-]
+], "segmentation": SEGMENTATION_ONLY}
 
 
 def parse_args(argv=None):
-    only = [(flag, kind, f"{task} only: {text}" if text else f"{task} only", *more) for task, table in
-            (("classification", CLASSIFICATION_ONLY), ("segmentation", SEGMENTATION_ONLY))
-            for flag, kind, text, *more in table]
+    only = [(flag, kind, f"{task} only" + (text and f": {text}"), *more)
+            for task, rows in TASK_ONLY.items() for flag, kind, text, *more in rows]
     p = flags.build_parser(__doc__.split("\n\n")[0] + " Flags without a default take the recipe's value "
                            "(RECIPES).", FLAGS + only)
     known = p.parse_known_args(argv)[0]
@@ -774,19 +735,25 @@ def parse_args(argv=None):
         known.recipe or ("demo" if demo_data else "imagenet")
     p.set_defaults(**RECIPES[name], recipe_name=name)  # the recipe's values for the flags not given
     args = p.parse_args(argv)
-    dests = lambda table: [row[0][2:].replace("-", "_") for row in table]  # noqa: E731
-    flags.refuse_ignored(flags.given(p, argv), [(seg, "--task segmentation", dests(CLASSIFICATION_ONLY)),
-                                                (not seg, "--task classification", dests(SEGMENTATION_ONLY))])
+    flags.refuse_ignored(flags.given(p, argv), [(task != args.task, f"--task {args.task}", [
+        row[0][2:].replace("-", "_") for row in rows]) for task, rows in TASK_ONLY.items()])
     if args.warmup_epochs and not args.baseline and args.warmup_epochs >= args.epochs:
         p.error(f"--epochs {args.epochs} ends within the distillation warm-up of {args.warmup_epochs} epochs "
                 f"(alpha = beta = 0 until then): FRSKD would never distil; pass more --epochs or a smaller "
                 f"--warmup-epochs")
-    return segmentation_args(args) if seg else args
+    if seg:  # the BiFPN width and the backbone's weights
+        arch = args.arch.split(".")[0]
+        args.bifpn_channels = args.bifpn_channels or SEG_BIFPN_WIDTHS.get(arch.removeprefix("tf_"), 64)
+        if args.init is None:  # ImageNet weights; timm's default B0 tag is trained on JFT
+            tf_b = arch.startswith("tf_efficientnet_b") and "." not in args.arch
+            args.init = f"{arch}.aa_in1k" if tf_b else args.arch
+    return args
 
 
 def run(args, ctx):
     """Train the run the flags ask for (the demo: then the baseline, in OUT/frskd and OUT/baseline)."""
-    seg, metric = args.task == "segmentation", "miou" if args.task == "segmentation" else "top1"
+    seg = args.task == "segmentation"
+    metric, shown = ("miou", "mIoU") if seg else ("top1", "top-1")
     if args.batch_size % (ctx.world * (args.accum_steps or 1)):
         raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the {ctx.world} "
                          "processes" + (f" x --accum-steps {args.accum_steps}" if seg else ""))
@@ -797,26 +764,24 @@ def run(args, ctx):
     runs = [("baseline" if args.baseline else "frskd", args)]
     if args.data == "demo" and not args.baseline:  # the demo also trains the baseline (same epochs)
         runs.append(("baseline", argparse.Namespace(**dict(vars(args), baseline=True))))
-    results, trained = {}, False
-    for name, run_args in runs:
-        ctx.print(f"training {name}: {run_args.task}, {run_args.arch}, {run_args.epochs} epochs" + (
-            "" if run_args.baseline else f", alpha {run_args.alpha}, beta {run_args.beta}" + (
-                "" if seg else f", w {run_args.width}") + (
-                f" after {run_args.warmup_epochs} warm-up epochs" if run_args.warmup_epochs else "")))
+    results, parts, trained = {}, [], False
+    for name, a in runs:
+        ctx.print(f"training {name}: {a.task}, {a.arch}, {a.epochs} epochs" + ("" if a.baseline else
+                  f", alpha {a.alpha}, beta {a.beta}" + ("" if seg else f", w {a.width}")
+                  + (f" after {a.warmup_epochs} warm-up epochs" if a.warmup_epochs else "")))
         sub = out if len(runs) == 1 else os.path.join(out, name)
-        metrics, best, seconds = train_one(run_args, sub)
+        metrics, best, seconds = train_one(a, sub)
         trained = trained or bool(metrics)  # {}: --resume auto found this run finished
-        results[name] = {"final": ckpt.final_metrics(metrics, sub), f"best_{metric}": best, "train_time": seconds}
+        final = ckpt.final_metrics(metrics, sub)
+        results[name] = {"final": final, f"best_{metric}": best, "train_time": seconds}
+        teacher = final.get(f"val_self_teacher_{metric}")
+        teacher = "" if teacher is None else f", self-teacher {teacher:.2f}%"
+        parts.append(f"{name} classifier {shown} {final.get(f'val_{metric}', math.nan):.2f}% "
+                     f"(best {best:.2f}%, {seconds:.0f}s){teacher}")
     if not trained:  # every run had finished: keep their summary
         return ckpt.nothing_to_do(ctx, "FRSKD", out, args.epochs)
-    shown = "mIoU" if seg else "top-1"
-    line = ", ".join(f"{name} classifier {shown} {r['final'].get(f'val_{metric}', math.nan):.2f}% "
-                     f"(best {r[f'best_{metric}']:.2f}%, {r['train_time']:.0f}s)"
-                     + (f", self-teacher {r['final'][f'val_self_teacher_{metric}']:.2f}%"
-                        if f"val_self_teacher_{metric}" in r["final"] else "")
-                     for name, r in results.items())
     ckpt.write_summary(ctx, out, results, f"FRSKD {'segmentation ' if seg else ''}summary: {args.arch}, "
-                       f"{args.epochs} epochs: {line}; total {time.time() - start:.0f}s, out {out}")
+                       f"{args.epochs} epochs: {', '.join(parts)}; total {time.time() - start:.0f}s, out {out}")
 
 
 def main(argv=None):
