@@ -44,7 +44,8 @@ from torchvision import transforms
 from common import ckpt, demo, flags
 from common.data import (DataError, SeededItems, TaggedSampler, eval_sets, eval_transform, evaluate_sets,
                          image_folder, train_transform)
-from common.dist import EpochSums, epoch_generator, maybe_compile, run_main, seed_rank_epoch, seeded, wrap_ddp
+from common.dist import (EpochSums, epoch_generator, maybe_compile, quiet_worker, run_main, seed_rank_epoch, seeded,
+                         wrap_ddp)
 from common.models import (ModelError, create, describe_data_config, init_spec, normalize, parse_spec,
                            read_checkpoint, state_dict_of)
 
@@ -343,7 +344,8 @@ def train(args, ctx, train_items, val_sets, out):
         raise DataError(f"{len(targets)} training images make no batch of {args.batch_size} "
                         f"(anchors + same-class images, all processes); lower --batch-size")
     data = DataLoader(train_items, batch_sampler=sampler, num_workers=args.workers,
-                      pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0)
+                      pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0,
+                      worker_init_fn=quiet_worker)
     # pycls: int(8192 / global batch) batches, here at least one when on
     precise = args.precise_bn_images and min(max(1, args.precise_bn_images // args.batch_size), len(sampler))
     lighting = PCALighting(cfg["std"]).to(ctx.device) if args.lighting > 0 else None

@@ -419,6 +419,7 @@ SIZE_CHECK_LIMIT = 50_000  # images whose sizes are checked at start; larger set
 NOT_TRAINING_FLAGS = ("overwrite_labels", "import_from", "import_layout", "import_label_type", "show_images")
 
 
+
 FLAGS = [  # flag, kind (a common.flags parser checks the value), help[, argparse extras]
     ("--data", str, "ImageFolder root with train/ and val/, or 'demo'", dict(required=True)),
     ("--val-data", "append", "extra ImageFolder to evaluate on (same classes)", dict(default=[])),
@@ -477,6 +478,11 @@ def parse_args(argv=None):
     """Returns (args, explicit): the flags given on the command line are never overridden by the recipe."""
     parser = flags.build_parser(__doc__.split("\n\n")[0], FLAGS, "the student")
     args, explicit = parser.parse_args(argv), flags.given(parser, argv)
+    # flags this mode would not use; the store's flags stay accepted in online / ce: one command, three modes
+    flags.refuse_ignored(explicit, [
+        (args.mode != "import", f"--mode {args.mode}", ("import_from", "import_layout", "import_label_type")),
+        (args.mode in ("online", "ce", "import"), f"--mode {args.mode} (no label store checked)",
+         ("verify_images",))])
     args.recipe = args.recipe or ("demo" if args.data == "demo" else "resnet50")
     flags.fill_from(args, RECIPES[args.recipe])  # "reported", "lr_rule": no flags
     if "lr" not in explicit:  # linear scaling rule of the paper's recipes

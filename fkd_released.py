@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.dist import Context, on_every_rank
+from common.dist import Context, on_every_rank, quiet_worker
 from common.labels import LabelStore, StoreError, _write_json_atomic, image_identity
 
 LAYOUTS = ("fkd", "meal")
@@ -361,7 +361,8 @@ def import_labels(source_dir, train_set, store_path, layout="fkd", ctx=None, lab
               f"{ctx.world} process(es) -> {store_path}")
     images = [path for path, _ in train_set.samples]
     data = torch.utils.data.DataLoader(ReleasedFiles(mine, files, images, fmt, len(train_set.classes)),
-                                       batch_size=None, num_workers=workers, collate_fn=dict)  # each item as is
+                                       batch_size=None, num_workers=workers, collate_fn=dict,  # each item as is
+                                       worker_init_fn=quiet_worker)
     start, pending, tally = time.time(), [], {"problems": [], "clipped": 0, "bytes": 0, "imported": 0}
     with ctx.bar(total=len(mine), desc="import", unit="img") as bar:
         for item in data:

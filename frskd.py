@@ -713,7 +713,7 @@ FLAGS = [  # flag, kind (a common.flags parser: it checks the value), choices or
     ("--mean", flags.fraction, "per-channel normalization mean", dict(nargs=3)),
     ("--std", flags.positive_float, "per-channel normalization std", dict(nargs=3)),
 ]
-TASK_ONLY = {"classification": [  # a flag of one task only is refused for the other unless at its default
+TASK_ONLY = {"classification": [  # a flag of one task only, typed for the other task, is refused
     ("--recipe", ["imagenet", "cifar", "tinyimagenet", "fgvr"], "imagenet if not given (demo: its own)"),
     ("--val-data", "append", "extra ImageFolder to evaluate on", dict(default=[])),
     ("--mixup", flags.nonneg_float, "mixup alpha (Table 8; 0 = off)", dict(default=0.0)),

@@ -356,9 +356,9 @@ def parse_args(argv=None):
                            "(PRESETS: ImageNet, --labels, demo).", FLAGS, "the student")
     args = p.parse_args(argv)
     flags.refuse_ignored(flags.given(p, argv), [
-        (args.no_teachers, "--no-teachers (hard-label CE on fresh crops with the image labels: no "
-         "discriminator, no label store)", ("labels", "d_lr", "disc_rule", "no_disc")),
-        (args.no_disc, "--no-disc", ("d_lr", "disc_rule")), (not args.labels, "no --labels", ["verify_images"])])
+        (args.no_teachers, "--no-teachers (hard-label CE on fresh crops: no discriminator, no label store)",
+         ("labels", "d_lr", "disc_rule", "no_disc")), (args.no_disc, "--no-disc", ("d_lr", "disc_rule")),
+        (not args.labels, "online teachers (no --labels)", ["verify_images"])])
     flags.fill_from(args, PRESETS[recipe_of(args)], skip=("arch",))  # the student: see student_spec()
     args.lr = args.lr or args.base_lr * args.batch_size / 512
     return args

@@ -11,7 +11,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from .crops import replay_crops, sample_crops
-from .dist import derive_seed, seeded
+from .dist import derive_seed, quiet_worker, seeded
 from .models import normalize
 
 
@@ -145,7 +145,8 @@ def loader(dataset, batch_size, workers, sampler=None, device=None, drop_last=Fa
                         f"{batch_size}; lower --batch-size")
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        pin_memory=device is not None and device.type == "cuda",
-                                       drop_last=drop_last, persistent_workers=persistent and workers > 0)
+                                       drop_last=drop_last, persistent_workers=persistent and workers > 0,
+                                       worker_init_fn=quiet_worker)
 
 
 def eval_loader(dataset, batch_size, workers, ctx, persistent=True):
@@ -159,6 +160,9 @@ def sum_over_split(model, data_loader, ctx, mean, std, amp, desc, heads, score, 
     across ranks (`eval_loader`); heads > 1: `model` returns a tuple of logits, scored in one pass. Sums stay
     on the device until one all-reduce at the end. `amp`: True/False or the run's args (--amp, --amp-dtype)."""
     model.eval()
+    if ctx.distributed:  # rank 0's BN statistics everywhere: the ones its checkpoint holds
+        for buffer in model.buffers():  # (a DDP forward broadcasts them only at its start)
+            torch.distributed.broadcast(buffer, 0)
     sums = torch.zeros(heads, *shape, dtype=torch.int64, device=ctx.device)
     autocast = ctx.autocast(amp) if not isinstance(amp, bool) else \
         torch.autocast(ctx.device.type, enabled=amp and ctx.device.type == "cuda")
@@ -174,9 +178,6 @@ def sum_over_split(model, data_loader, ctx, mean, std, amp, desc, heads, score, 
 
 def evaluate(model, data_loader, ctx, mean, std, amp=False, desc="eval", heads=1):
     """Top-1 / top-5 (%) and image count over the split (sum_over_split); heads > 1: a list, one per head."""
-    if ctx.distributed:  # rank 0's BN statistics everywhere: the ones its checkpoint holds
-        for buffer in model.buffers():  # (a DDP forward broadcasts them only at its start)
-            torch.distributed.broadcast(buffer, 0)
 
     def hits(logits, targets):  # top-1 hits, top-5 hits, images
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]

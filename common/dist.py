@@ -44,6 +44,9 @@ class Context:
     def bar(self, iterable=None, **kwargs):
         """Progress on rank 0: a tqdm bar when stdout is a terminal, plain lines with rate and ETA
         (at most every 30 s or 5 %) when it is a file (SLURM logs); nothing on other ranks."""
+        if iterable is not None:  # each step first checks for a stop that a swallowed signal asked for
+            kwargs.setdefault("total", len(iterable) if hasattr(iterable, "__len__") else None)
+            iterable = (item for item in iterable if not stop_if_interrupted())
         if self.main and not _is_terminal(sys.stdout):
             return PlainProgress(iterable, write=self.print, **kwargs)
         return tqdm(iterable, disable=not self.main, dynamic_ncols=True, leave=False, **kwargs)
@@ -130,7 +133,7 @@ def one_sentence(error):
     return text
 
 
-_signals = {"critical": 0, "deferred": False}
+_signals = {"critical": 0, "received": False}
 
 
 @contextlib.contextmanager
@@ -141,16 +144,27 @@ def uninterrupted():
         yield
     finally:
         _signals["critical"] -= 1
-        if not _signals["critical"] and _signals["deferred"]:
-            _signals["deferred"] = False
-            raise KeyboardInterrupt
+        stop_if_interrupted()
+
+
+def stop_if_interrupted():
+    """Raise the interruption a signal asked for, outside a critical block; the raise in the handler itself
+    is lost when the signal lands inside a finaliser or an at-fork hook (both swallow exceptions)."""
+    if _signals["received"] and not _signals["critical"]:
+        raise KeyboardInterrupt
+
+
+def quiet_worker(worker_id):
+    """DataLoader worker_init_fn: a worker whose main process stopped mid-handover of a batch (a broken
+    pipe in multiprocessing's fd-sharing thread) ends without a traceback; the main process says why."""
+    hook = sys.excepthook
+    sys.excepthook = lambda kind, *rest: None if issubclass(kind, (ConnectionError, EOFError)) else hook(kind, *rest)
 
 
 def _interrupt(signum, frame):
-    if _signals["critical"]:
-        _signals["deferred"] = True
-    else:
-        raise KeyboardInterrupt
+    _signals["received"] = True
+    sys.unraisablehook = lambda unraisable: None  # what a finaliser prints from now on is the stop itself
+    stop_if_interrupted()
 
 
 def run_main(work, args, errors):
@@ -161,20 +175,24 @@ def run_main(work, args, errors):
     from .ckpt import INTERRUPTED
 
     main_thread = threading.current_thread() is threading.main_thread()
+    _signals["received"] = False
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
     try:
         ctx = setup(args.device, getattr(args, "threads", None))
         if getattr(args, "amp", False) and ctx.device.type != "cuda":
             ctx.print("note: --amp applies to CUDA only; running in fp32 on CPU")
         work(ctx)
-    except KeyboardInterrupt:
-        # a SIGTERM to the process group also ended the loader workers: their iterator's teardown
-        # would print an "Exception ignored" traceback; the run is stopping, say only how to resume
-        sys.unraisablehook = lambda unraisable: None
-        raise SystemExit(INTERRUPTED) from None
-    except errors as error:
-        raise SystemExit(f"error: {one_sentence(error)}") from None
+    except BaseException as error:
+        # the same SIGTERM to the process group also ended the loader workers: what their loss raised
+        # here (a worker "killed by signal", a broken pipe) is the interruption too; say how to resume
+        if isinstance(error, KeyboardInterrupt) or _signals["received"]:
+            sys.unraisablehook = lambda unraisable: None
+            raise SystemExit(INTERRUPTED) from None
+        if isinstance(error, errors):
+            raise SystemExit(f"error: {one_sentence(error)}") from None
+        raise
     finally:
+        _signals["received"] = False
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         cleanup()

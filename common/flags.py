@@ -41,12 +41,14 @@ def interpolation(text):
 def given(parser, argv):
     """The dest names of the flags present on the command line `argv` (None: sys.argv), so that a
     recipe, a switch or a demo default never overrides a value the user typed."""
-    saved = [(action, action.default) for action in parser._actions]
+    saved, defaults = [(action, action.default) for action in parser._actions], parser._defaults
     try:
         for action, _ in saved:
             action.default = argparse.SUPPRESS
+        parser._defaults = {}  # set_defaults() keys that are no flag (a recipe's name) were never typed
         return set(vars(parser.parse_args(argv)))
     finally:
+        parser._defaults = defaults
         for action, default in saved:
             action.default = default
 

@@ -1,5 +1,6 @@
 """common/: model loading, data errors, eval sharding, demo data, checkpoints."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -572,10 +573,12 @@ def test_kd_ddp_starts_a_process_group_of_one(tiny_data, tiny_teacher, tmp_path)
     smoke_helper().verify(str(out), 3, str(tmp_path / "run.log"), world=1, backend="gloo", sync_bn=False)
 
 
-def test_a_signal_during_a_checkpoint_write_waits_for_the_write():
+def test_a_signal_during_a_checkpoint_write_waits_for_the_write(monkeypatch):
     """SIGTERM arriving inside torch.save made the zip writer fail and was reported as a disk error."""
     import signal as signals
     from common import dist
+    monkeypatch.setitem(dist._signals, "received", False)
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
     done = []
     with pytest.raises(KeyboardInterrupt):
         with dist.uninterrupted():
@@ -584,6 +587,42 @@ def test_a_signal_during_a_checkpoint_write_waits_for_the_write():
     assert done == ["the write finished"]
     with pytest.raises(KeyboardInterrupt):
         dist._interrupt(signals.SIGTERM, None)  # outside a write: stop at once
+
+
+@pytest.mark.parametrize("after", ["swallowed", "worker lost"])
+def test_a_signal_is_never_lost_and_what_it_breaks_is_the_interruption(monkeypatch, after):
+    """A SIGTERM landing inside a finaliser or an at-fork hook (both swallow the KeyboardInterrupt) still
+    stops the run at its next step; what the same signal to the process group broke meanwhile (a loader
+    worker killed, a broken pipe) ends as the interruption, not as that error's traceback."""
+    import argparse
+    import signal as signals
+    from common import ckpt, dist
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    steps = []
+
+    def work(ctx):
+        try:
+            dist._interrupt(signals.SIGTERM, None)
+        except KeyboardInterrupt:
+            if after == "worker lost":
+                raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.") from None
+        for step in ctx.bar(range(100), desc="train"):
+            steps.append(step)
+
+    with pytest.raises(SystemExit) as stop:
+        dist.run_main(work, argparse.Namespace(device="cpu", threads=1), (ValueError,))
+    assert str(stop.value) == ckpt.INTERRUPTED and steps == []
+    assert not dist._signals["received"]  # the next run in this process starts clean
+
+
+def test_a_loader_worker_is_quiet_about_a_main_process_gone_mid_handover(monkeypatch, capsys):
+    from common import dist
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    dist.quiet_worker(0)
+    sys.excepthook(BrokenPipeError, BrokenPipeError(32, "Broken pipe"), None)
+    assert capsys.readouterr().err == ""
+    sys.excepthook(ValueError, ValueError("a real bug"), None)
+    assert "a real bug" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("build", ["data", "teacher", "segmentation"])

@@ -9,8 +9,8 @@ with device_id, as setup() does) and checks, printing one line per check:
   collectives   all_reduce_sum / broadcast_object / barrier on the communication device
   evaluate      top-1 of a model with a known answer, sharded over the ranks, with a rank whose
                 shard is empty (more ranks than images: no hang, every image counted once)
-  eval buffers  evaluate() first gives every rank rank 0's buffers (BN statistics), the ones that
-                rank 0's checkpoint holds
+  eval buffers  evaluate() and evaluate_segmentation() first give every rank rank 0's buffers (BN
+                statistics), the ones that rank 0's checkpoint holds
   ddp step      a DistributedDataParallel step with ctx.autocast / ctx.grad_scaler (--amp,
                 float16 and bfloat16 on CUDA) keeps every rank's weights equal and finite
   syncbn        timm's convert_sync_batchnorm keeps timm's BatchNormAct2d activations (outputs
@@ -80,13 +80,17 @@ def check_evaluate(ctx):
 
 
 def check_eval_buffers(ctx):
+    from frskd_seg_data import evaluate_segmentation
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).to(ctx.device)
-    model[1].running_mean.fill_(float(ctx.rank))  # each rank its own statistics, as after DDP steps
-    data = [(torch.zeros(3, 2, 2, dtype=torch.uint8), 0)]
-    loader = torch.utils.data.DataLoader(data, sampler=ShardSampler(len(data), ctx.rank, ctx.world))
-    evaluate(model, loader, ctx, [0.0] * 3, [1.0] * 3)
-    assert torch.all(model[1].running_mean == 0.0), f"rank {ctx.rank} evaluated with its own BN statistics"
-    return f"{ctx.world} rank(s) evaluate with rank 0's BN statistics"
+    image = torch.zeros(3, 2, 2, dtype=torch.uint8)
+    for name, target, run in [("classification", 0, lambda loader: evaluate(model, loader, ctx, [0.0] * 3, [1.0] * 3)),
+                              ("segmentation", torch.zeros(2, 2, dtype=torch.int64),
+                               lambda loader: evaluate_segmentation(model, loader, ctx, [0.0] * 3, [1.0] * 3, 4))]:
+        model[1].running_mean.fill_(float(ctx.rank))  # each rank its own statistics, as after DDP steps
+        data = [(image, target)]
+        run(torch.utils.data.DataLoader(data, sampler=ShardSampler(len(data), ctx.rank, ctx.world)))
+        assert torch.all(model[1].running_mean == 0.0), f"rank {ctx.rank} evaluated {name} with its own BN statistics"
+    return f"{ctx.world} rank(s) evaluate with rank 0's BN statistics (classification, segmentation)"
 
 
 def check_ddp_step(ctx, dtype):
